@@ -1,0 +1,359 @@
+"""Hugging Face checkpoints <-> flux_jax models: safetensors shards in, safetensors shards out.
+
+Loading builds the model abstractly (no memory), checks the checkpoint against the weight table
+(every problem reported in one error), then creates each parameter directly on its sharding with
+`jax.make_array_from_callback`: the callback reads only the slice of the HF tensor that one device
+holds, so no process ever holds the full model, and a process on a multi-host run reads only what
+its own devices need.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from flux_jax import sharding as sharding_lib
+from flux_jax.models.qwen import params as table
+from flux_jax.models.qwen.config import QwenConfig
+from flux_jax.models.qwen.model import QwenForCausalLM, build_model
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match the architecture its config describes."""
+
+
+def as_dtype(dtype: Any) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+class SafetensorsCheckpoint:
+    """The tensors of a HF model directory: one model.safetensors, or shards with an index."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        index_path = os.path.join(self.path, "model.safetensors.index.json")
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(n for n in os.listdir(self.path) if n.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(
+                    f"{self.path}: no model.safetensors, model.safetensors.index.json or "
+                    "*.safetensors files (PyTorch .bin checkpoints are not read; convert them with "
+                    "transformers' save_pretrained(safe_serialization=True))"
+                )
+        self._handles = {}
+        self.file_of: dict[str, str] = {}
+        self.shape_of: dict[str, tuple[int, ...]] = {}
+        for name in files:
+            file_path = os.path.join(self.path, name)
+            if not os.path.exists(file_path):
+                raise CheckpointError(f"{index_path}: lists {name}, which does not exist")
+            handle = safe_open(file_path, framework="numpy")
+            self._handles[name] = handle
+            for key in handle.keys():
+                self.file_of[key] = name
+                self.shape_of[key] = tuple(handle.get_slice(key).get_shape())
+
+    def read(self, key: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        tensor_slice = self._handles[self.file_of[key]].get_slice(key)
+        return tensor_slice[index] if index is not None else tensor_slice[:]
+
+
+def _expected_tensors(cfg: QwenConfig, our_shapes: dict) -> dict[str, tuple]:
+    """HF name -> (entry, layer index or None, expected HF shape)."""
+    expected = {}
+    for entry in table.weight_table(cfg):
+        shape = our_shapes[entry.path]
+        if entry.stacked:
+            for i in range(cfg.num_hidden_layers):
+                hf_shape = table.hf_shape(entry.layout, shape[1:])
+                expected[entry.hf_name.format(i=i)] = (entry, i, hf_shape)
+        else:
+            expected[entry.hf_name] = (entry, None, table.hf_shape(entry.layout, shape))
+    return expected
+
+
+def _check_tensors(ckpt: SafetensorsCheckpoint, expected: dict, cfg: QwenConfig) -> None:
+    missing = [k for k in expected if k not in ckpt.shape_of]
+    unexpected = [k for k in ckpt.shape_of if k not in expected]
+    if cfg.tie_word_embeddings and "lm_head.weight" in unexpected:
+        # transformers ties the head to the embedding and ignores a stored copy; so do we.
+        log.warning("%s: tie_word_embeddings=True; ignoring the stored lm_head.weight", ckpt.path)
+        unexpected.remove("lm_head.weight")
+    mismatched = [
+        f"{k}: checkpoint {ckpt.shape_of[k]}, config expects {exp[2]}"
+        for k, exp in expected.items()
+        if k in ckpt.shape_of and tuple(ckpt.shape_of[k]) != tuple(exp[2])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {_summarise(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:20])}")
+    if problems:
+        raise CheckpointError(
+            f"{ckpt.path} does not match its config.json (model_type={cfg.model_type}, "
+            f"layers={cfg.num_hidden_layers}, hidden={cfg.hidden_size}):\n  " + "\n  ".join(problems)
+        )
+
+
+def _summarise(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _read_block(
+    ckpt: SafetensorsCheckpoint,
+    entry: table.WeightEntry,
+    index: tuple[slice, ...],
+    full_shape: tuple[int, ...],
+    dtype: Any,
+) -> np.ndarray:
+    """The block `index` of our parameter, read slice-wise from the HF tensors that hold it."""
+
+    def one_layer(hf_name: str, inner_index, inner_shape) -> np.ndarray:
+        hf_index = table.hf_index_for(entry.layout, inner_index, inner_shape)
+        if hf_index is None:  # not a contiguous HF slice: read whole, then cut
+            whole = table.to_ours(entry.layout, ckpt.read(hf_name), inner_shape)
+            return whole[inner_index]
+        block_shape = tuple(
+            len(range(*s.indices(n))) for s, n in zip(inner_index, inner_shape, strict=True)
+        )
+        return table.to_ours(entry.layout, ckpt.read(hf_name, hf_index), block_shape)
+
+    if not entry.stacked:
+        block = one_layer(entry.hf_name, index, full_shape)
+    else:
+        layers = range(*index[0].indices(full_shape[0]))
+        block = np.stack(
+            [one_layer(entry.hf_name.format(i=i), index[1:], full_shape[1:]) for i in layers]
+        )
+    return np.asarray(block).astype(dtype)
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = "float32",
+    compute_dtype: Any = None,
+    mesh: Mesh | None = None,
+    remat: str = "none",
+    attention_impl: str | None = "xla",
+) -> QwenForCausalLM:
+    """Loads an HF Qwen2/Qwen3 model directory (config.json + safetensors) into a flux_jax model.
+
+    Args:
+      path: the HF model directory.
+      dtype: parameter dtype ("float32" for training master weights, "bfloat16" to serve).
+      compute_dtype: activation dtype (default: `dtype`).
+      mesh: place every parameter on its sharding over this mesh (default: the first device).
+      remat, attention_impl: passed to the model (see QwenForCausalLM).
+    """
+    path = os.fspath(path)
+    cfg = QwenConfig.from_pretrained_dir(path)
+    param_dtype = as_dtype(dtype)
+    abstract = build_model(
+        cfg,
+        param_dtype=param_dtype,
+        compute_dtype=as_dtype(compute_dtype or dtype),
+        remat=remat,
+        attention_impl=attention_impl,
+        abstract=True,
+    )
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    our_shapes = {p: v.get_value().shape for p, v in flat.items()}
+    ckpt = SafetensorsCheckpoint(path)
+    _check_tensors(ckpt, _expected_tensors(cfg, our_shapes), cfg)
+
+    np_dtype = np.dtype(param_dtype)
+    for entry in table.weight_table(cfg):
+        var = flat[entry.path]
+        shape = var.get_value().shape
+        if mesh is not None:
+            axes = var.get_metadata()["logical_axes"]
+            target = NamedSharding(mesh, sharding_lib.logical_to_spec(axes, shape, mesh))
+        else:
+            target = SingleDeviceSharding(jax.devices()[0])
+        var.set_value(jax.make_array_from_callback(
+            shape,
+            target,
+            lambda index, e=entry, s=shape: _read_block(ckpt, e, index, s, np_dtype),
+        ))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not match:
+        raise ValueError(f"max_shard_size={size!r}; use bytes or e.g. '5GB', '500MB'")
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)]
+    return int(float(match.group(1)) * scale)
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def _export_plan(cfg: QwenConfig, flat: dict) -> list[tuple[str, table.WeightEntry, int | None]]:
+    """(hf_name, entry, layer) in an order that reads each stacked parameter once."""
+    plan = []
+    for entry in table.weight_table(cfg):
+        if entry.stacked:
+            plan += [(entry.hf_name.format(i=i), entry, i) for i in range(cfg.num_hidden_layers)]
+        else:
+            plan.append((entry.hf_name, entry, None))
+    return plan
+
+
+def _host_tensors(flat: dict, plan, np_dtype) -> Iterator[tuple[str, np.ndarray]]:
+    current_path, current = None, None
+    for hf_name, entry, layer in plan:
+        if entry.path != current_path:  # one stacked parameter on the host at a time
+            current_path, current = entry.path, _to_host(flat[entry.path].get_value())
+        ours = current[layer] if layer is not None else current
+        yield hf_name, table.to_hf(entry.layout, ours).astype(np_dtype)
+
+
+def save_pretrained(
+    model: QwenForCausalLM,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_from: str | os.PathLike | None = None,
+    max_shard_size: int | str = "5GB",
+    dtype: Any = None,
+) -> str:
+    """Writes `model` as an HF checkpoint that transformers' from_pretrained loads.
+
+    Safetensors shards (with model.safetensors.index.json when more than one), config.json,
+    generation_config.json, and the tokenizer files found in `tokenizer_from`. Tied embeddings
+    stay tied: no lm_head.weight is written. dtype defaults to the dtype the model was loaded from.
+    On a multi-host run every process must call this (arrays are gathered); process 0 writes.
+    """
+    cfg = model.config
+    out_dir = os.fspath(out_dir)
+    dtype_name = dtype if isinstance(dtype, str) else (np.dtype(dtype).name if dtype else None)
+    dtype_name = dtype_name or cfg.torch_dtype
+    np_dtype = np.dtype(as_dtype(dtype_name))
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    plan = _export_plan(cfg, flat)
+    limit = _parse_size(max_shard_size)
+
+    # Assign tensors to shards from their sizes first: shard names carry the total count.
+    shard_of, sizes, shard, used = {}, {}, 0, 0
+    for hf_name, entry, layer in plan:
+        shape = flat[entry.path].get_value().shape[1:] if layer is not None else flat[entry.path].get_value().shape
+        nbytes = int(np.prod(shape)) * np_dtype.itemsize
+        if used and used + nbytes > limit:
+            shard, used = shard + 1, 0
+        shard_of[hf_name], used = shard, used + nbytes
+        sizes[hf_name] = nbytes
+    num_shards = shard + 1
+
+    def shard_name(i: int) -> str:
+        if num_shards == 1:
+            return "model.safetensors"
+        return f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+    pending: dict[str, np.ndarray] = {}
+    pending_shard = 0
+    for hf_name, tensor in _host_tensors(flat, plan, np_dtype):
+        if shard_of[hf_name] != pending_shard:
+            if writer:
+                save_file(pending, os.path.join(out_dir, shard_name(pending_shard)), {"format": "pt"})
+            pending, pending_shard = {}, shard_of[hf_name]
+        pending[hf_name] = tensor
+    if writer:
+        save_file(pending, os.path.join(out_dir, shard_name(pending_shard)), {"format": "pt"})
+    if not writer:
+        return out_dir
+
+    if num_shards > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes.values())},
+            "weight_map": {name: shard_name(i) for name, i in shard_of.items()},
+        }
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_hf_config(dtype=dtype_name), f, indent=2)
+    _write_generation_config(cfg, out_dir, tokenizer_from)
+    if tokenizer_from is not None:
+        copy_tokenizer_files(tokenizer_from, out_dir)
+    return out_dir
+
+
+def _write_generation_config(cfg: QwenConfig, out_dir: str, source: Any) -> None:
+    source_file = os.path.join(os.fspath(source), "generation_config.json") if source else None
+    if source_file and os.path.exists(source_file):
+        shutil.copyfile(source_file, os.path.join(out_dir, "generation_config.json"))
+        return
+    generation = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    generation = {k: v for k, v in generation.items() if v is not None}
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
+
+
+def copy_tokenizer_files(source: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer files present in `source`; errors if there are none."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = os.path.join(source, name)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+            copied.append(name)
+    if not copied:
+        raise FileNotFoundError(
+            f"{source}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) to copy"
+        )
+    return copied
+

@@ -1,0 +1,129 @@
+"""The pure math of one Qwen decoder layer: RMSNorm, RoPE, GQA attention, SwiGLU.
+
+Functions here take plain arrays (one layer's parameters as a dict) so that the model can scan them
+over the stacked layer axis, and the decoder for generation can reuse them with a KV cache. The
+numerics follow transformers' Qwen2/Qwen3 modelling code: norms and the softmax in fp32, RoPE tables
+built in fp32 and cast to the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """HF RMSNorm: normalise in fp32, cast back to the input dtype, then multiply by the weight."""
+    x_f32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x_f32), axis=-1, keepdims=True)
+    normed = (x_f32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
+    # Explicit broadcast: the project runs with jax_numpy_rank_promotion="raise" in tests.
+    return jnp.broadcast_to(scale.astype(x.dtype), normed.shape) * normed
+
+
+def rope_tables(
+    positions_BxT: jax.Array, head_dim: int, theta: float, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """sin and cos tables [B, T, head_dim] of the default (unscaled) rotary embedding."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq_F = 1.0 / (theta**exponents)
+    freqs_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_F[None, None, :]
+    angles_BxTxH = jnp.concatenate([freqs_BxTxF, freqs_BxTxF], axis=-1)
+    return jnp.sin(angles_BxTxH).astype(dtype), jnp.cos(angles_BxTxH).astype(dtype)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, sin_BxTxH: jax.Array, cos_BxTxH: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin, with HF's half-split (not interleaved) layout."""
+    half = x_BxTxNxH.shape[-1] // 2
+    x1, x2 = x_BxTxNxH[..., :half], x_BxTxNxH[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_BxTxNxH * cos_BxTxH[:, :, None, :] + rotated * sin_BxTxH[:, :, None, :]
+
+
+def causal_segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+    """[B, 1, T, T] boolean mask: causal, and only within the same segment.
+
+    Padding (segment 0) attends to earlier padding rather than to nothing, so no softmax row is
+    empty (an all-masked row would give NaNs that leak into gradients through 0 * NaN).
+    """
+    t = segment_ids_BxT.shape[1]
+    causal_TxT = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+    same_segment_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    return (same_segment_BxTxT & causal_TxT[None])[:, None]
+
+
+def attention_core(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    mask_Bx1xTxS: jax.Array,
+    implementation: str | None,
+) -> jax.Array:
+    """Scaled dot-product attention with grouped KV heads (N a multiple of K).
+
+    `implementation` is passed to jax.nn.dot_product_attention: "xla" everywhere, "cudnn" for
+    flash attention on NVIDIA GPUs, None to let JAX choose.
+    """
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH,
+        k_BxSxKxH,
+        v_BxSxKxH,
+        mask=mask_Bx1xTxS,
+        scale=q_BxTxNxH.shape[-1] ** -0.5,
+        implementation=implementation,
+    )
+
+
+def qkv_projections(
+    attn: Params,
+    h_BxTxD: jax.Array,
+    sin_BxTxH: jax.Array,
+    cos_BxTxH: jax.Array,
+    *,
+    eps: float,
+    dtype: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v of one layer, biased (Qwen2) or per-head normalised (Qwen3), with RoPE applied."""
+
+    def project(name: str) -> jax.Array:
+        out = jnp.einsum("BTD,DNH->BTNH", h_BxTxD, attn[name]["kernel"].astype(dtype))
+        if "bias" in attn[name]:
+            out = out + attn[name]["bias"].astype(dtype)[None, None]
+        return out
+
+    q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+    if "q_norm" in attn:
+        q = rms_norm(q, attn["q_norm"]["scale"], eps)
+        k = rms_norm(k, attn["k_norm"]["scale"], eps)
+    return apply_rope(q, sin_BxTxH, cos_BxTxH), apply_rope(k, sin_BxTxH, cos_BxTxH), v
+
+
+def swiglu_mlp(mlp: Params, h_BxTxD: jax.Array, dtype: Any) -> jax.Array:
+    gate_BxTxF = h_BxTxD @ mlp["gate_proj"]["kernel"].astype(dtype)
+    up_BxTxF = h_BxTxD @ mlp["up_proj"]["kernel"].astype(dtype)
+    return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ mlp["down_proj"]["kernel"].astype(dtype)
+
+
+def decoder_layer(
+    layer: Params,
+    x_BxTxD: jax.Array,
+    sin_BxTxH: jax.Array,
+    cos_BxTxH: jax.Array,
+    mask_Bx1xTxT: jax.Array,
+    *,
+    eps: float,
+    dtype: Any,
+    attention_impl: str | None,
+) -> jax.Array:
+    """One pre-norm decoder layer over a full sequence (training and prefill)."""
+    h = rms_norm(x_BxTxD, layer["input_layernorm"]["scale"], eps)
+    q, k, v = qkv_projections(layer["self_attn"], h, sin_BxTxH, cos_BxTxH, eps=eps, dtype=dtype)
+    attn_BxTxNxH = attention_core(q, k, v, mask_Bx1xTxT, attention_impl)
+    out_kernel = layer["self_attn"]["o_proj"]["kernel"].astype(dtype)
+    x_BxTxD = x_BxTxD + jnp.einsum("BTNH,NHD->BTD", attn_BxTxNxH, out_kernel)
+    h = rms_norm(x_BxTxD, layer["post_attention_layernorm"]["scale"], eps)
+    return x_BxTxD + swiglu_mlp(layer["mlp"], h, dtype)

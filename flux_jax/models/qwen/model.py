@@ -1,0 +1,248 @@
+"""The Qwen decoder as a Flax NNX module with stacked, scanned layers.
+
+Every layer's parameters are stored stacked along a leading `layers` axis and applied with
+`jax.lax.scan`, so compile time does not grow with depth. Parameter paths mirror HF's module names
+(`layers/self_attn/q_proj/kernel`), which keeps the weight table in params.py short. Every
+parameter carries `logical_axes` metadata (vocab, embed, heads, kv_heads, head_dim, mlp, layers)
+that sharding.py maps onto a device mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flux_jax.models.qwen import layers as qwen_layers
+from flux_jax.models.qwen.config import QwenConfig
+
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "none": None,
+    # Recompute everything in the backward pass: least memory, ~1.33x compute.
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep matmul outputs, recompute the cheap elementwise work in between.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_init_normal = jax.nn.initializers.normal(stddev=0.02)
+
+
+def _param(
+    rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, init: str
+) -> nnx.Param:
+    if init == "normal":
+        value = _init_normal(rngs.params(), shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = jnp.zeros(shape, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class Projection(nnx.Module):
+    """A kernel (and optional bias) stacked over layers; HF's nn.Linear, transposed."""
+
+    def __init__(self, shape, axes, *, bias_shape=None, bias_axes=None, dtype, rngs):
+        self.kernel = _param(rngs, shape, axes, dtype, "normal")
+        if bias_shape is not None:
+            self.bias = _param(rngs, bias_shape, bias_axes, dtype, "zeros")
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, shape, axes, *, dtype):
+        self.scale = _param(None, shape, axes, dtype, "ones")
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: QwenConfig, *, dtype, rngs):
+        L, D, N, K, H = (
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        bias = cfg.qkv_bias
+
+        def proj(heads: int, heads_axis: str) -> Projection:
+            return Projection(
+                (L, D, heads, H),
+                ("layers", "embed", heads_axis, "head_dim"),
+                bias_shape=(L, heads, H) if bias else None,
+                bias_axes=("layers", heads_axis, "head_dim"),
+                dtype=dtype,
+                rngs=rngs,
+            )
+
+        self.q_proj = proj(N, "heads")
+        self.k_proj = proj(K, "kv_heads")
+        self.v_proj = proj(K, "kv_heads")
+        self.o_proj = Projection(
+            (L, N, H, D), ("layers", "heads", "head_dim", "embed"), dtype=dtype, rngs=rngs
+        )
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm((L, H), ("layers", "head_dim"), dtype=dtype)
+            self.k_norm = RMSNorm((L, H), ("layers", "head_dim"), dtype=dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: QwenConfig, *, dtype, rngs):
+        L, D, F = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Projection((L, D, F), ("layers", "embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.up_proj = Projection((L, D, F), ("layers", "embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.down_proj = Projection((L, F, D), ("layers", "mlp", "embed"), dtype=dtype, rngs=rngs)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers, each parameter stacked along a leading `layers` axis."""
+
+    def __init__(self, cfg: QwenConfig, *, dtype, rngs):
+        L, D = cfg.num_hidden_layers, cfg.hidden_size
+        self.input_layernorm = RMSNorm((L, D), ("layers", "embed"), dtype=dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm((L, D), ("layers", "embed"), dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, rngs):
+        self.embedding = _param(rngs, (vocab, dim), ("vocab", "embed"), dtype, "normal")
+
+
+class QwenForCausalLM(nnx.Module):
+    """Qwen2/Qwen3 causal LM.
+
+    Args:
+      config: the architecture.
+      param_dtype: dtype the parameters are stored in (fp32 master weights for training).
+      compute_dtype: dtype of activations and matmuls; parameters are cast to it at use.
+      remat: "none", "full" or "dots": rematerialisation policy applied to each layer.
+      attention_impl: "xla", "cudnn" or None (JAX chooses), for jax.nn.dot_product_attention.
+    """
+
+    def __init__(
+        self,
+        config: QwenConfig,
+        *,
+        param_dtype: Any = jnp.float32,
+        compute_dtype: Any = jnp.float32,
+        remat: str = "none",
+        attention_impl: str | None = "xla",
+        rngs: nnx.Rngs,
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; valid: {', '.join(REMAT_POLICIES)}")
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.remat = remat
+        self.attention_impl = attention_impl
+        self.embed_tokens = Embedding(
+            config.vocab_size, config.hidden_size, dtype=param_dtype, rngs=rngs
+        )
+        self.layers = DecoderLayers(config, dtype=param_dtype, rngs=rngs)
+        self.norm = RMSNorm((config.hidden_size,), ("embed",), dtype=param_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = Projection(
+                (config.hidden_size, config.vocab_size),
+                ("embed", "vocab"),
+                dtype=param_dtype,
+                rngs=rngs,
+            )
+
+    def lm_head_weight(self) -> jax.Array:
+        """The [D, V] output projection (the transposed embedding when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding.get_value().T
+        return self.lm_head.kernel.get_value()
+
+    def __call__(
+        self,
+        input_ids_BxT: jax.Array,
+        positions_BxT: jax.Array | None = None,
+        *,
+        segment_ids_BxT: jax.Array | None = None,
+        attention_mask_BxT: jax.Array | None = None,
+        return_hidden: bool = False,
+        return_layer_outputs: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Logits [B, T, V] in fp32, or the final normed hidden states [B, T, D].
+
+        Attention is causal within segments: pass `segment_ids_BxT` (0 = padding; packed rows use
+        1, 2, ...) or an HF-style `attention_mask_BxT` (1 = token, 0 = padding). Positions default
+        to 0..T-1; packed rows must pass positions that restart per segment.
+        `return_layer_outputs` also returns every layer's output [L, B, T, D] (for parity checks).
+        """
+        cfg = self.config
+        dtype = self.compute_dtype
+        if segment_ids_BxT is None:
+            if attention_mask_BxT is None:
+                segment_ids_BxT = jnp.ones_like(input_ids_BxT)
+            else:
+                segment_ids_BxT = attention_mask_BxT.astype(jnp.int32)
+        elif attention_mask_BxT is not None:
+            raise ValueError("pass either segment_ids_BxT or attention_mask_BxT, not both")
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(
+                jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape
+            )
+        x_BxTxD = jnp.take(self.embed_tokens.embedding.get_value(), input_ids_BxT, axis=0).astype(dtype)
+        sin, cos = qwen_layers.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, dtype)
+        mask = qwen_layers.causal_segment_mask(segment_ids_BxT)
+
+        def layer_step(x, layer_params):
+            x = qwen_layers.decoder_layer(
+                layer_params,
+                x,
+                sin,
+                cos,
+                mask,
+                eps=cfg.rms_norm_eps,
+                dtype=dtype,
+                attention_impl=self.attention_impl,
+            )
+            return x, (x if return_layer_outputs else None)
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            layer_step = jax.checkpoint(layer_step, policy=policy, prevent_cse=False)
+        stacked = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
+        x_BxTxD, layer_outputs_LxBxTxD = jax.lax.scan(layer_step, x_BxTxD, stacked)
+        hidden_BxTxD = qwen_layers.rms_norm(x_BxTxD, self.norm.scale.get_value(), cfg.rms_norm_eps)
+        if return_hidden:
+            out = hidden_BxTxD
+        else:
+            out = jnp.einsum(
+                "BTD,DV->BTV",
+                hidden_BxTxD,
+                self.lm_head_weight().astype(dtype),
+                preferred_element_type=jnp.float32,
+            )
+        return (out, layer_outputs_LxBxTxD) if return_layer_outputs else out
+
+
+def build_model(
+    config: QwenConfig,
+    *,
+    seed: int = 0,
+    param_dtype: Any = jnp.float32,
+    compute_dtype: Any = jnp.float32,
+    remat: str = "none",
+    attention_impl: str | None = "xla",
+    abstract: bool = False,
+) -> QwenForCausalLM:
+    """A randomly initialised model, or (abstract=True) one whose parameters are ShapeDtypeStructs."""
+
+    def make() -> QwenForCausalLM:
+        return QwenForCausalLM(
+            config,
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            remat=remat,
+            attention_impl=attention_impl,
+            rngs=nnx.Rngs(seed),
+        )
+
+    return nnx.eval_shape(make) if abstract else make()
