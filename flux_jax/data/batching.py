@@ -1,0 +1,103 @@
+"""Padding pairs into fixed-shape batches: bucket lengths and the batch dict.
+
+The batch contract, for B pairs padded on the right to one bucket length T:
+
+    chosen_input_ids     int32 [B, T]  prompt ids + chosen completion ids, then pad_id
+    chosen_loss_mask     int32 [B, T]  1 on completion tokens (eos included), 0 elsewhere;
+                                       in input coordinates, so position 0 is always 0
+    chosen_segment_ids   int32 [B, T]  1 on real tokens, 0 on padding
+    chosen_positions     int32 [B, T]  0 .. len - 1 on real tokens, 0 on padding
+    rejected_*           the same four for the rejected completion
+
+Chosen and rejected share T: the smallest bucket length >= the longest sequence of the batch, on
+either side. Only a few bucket lengths exist, so jit compiles only a few shapes. The pad id is
+never used to find padding: segment_ids says what is real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from flux_jax.data.tokenization import PreferenceExample
+
+BATCH_KEYS = tuple(
+    f"{side}_{name}"
+    for side in ("chosen", "rejected")
+    for name in ("input_ids", "loss_mask", "segment_ids", "positions")
+)
+
+
+def default_bucket_lengths(max_length: int, min_length: int = 64) -> tuple[int, ...]:
+    """Powers of two from min_length up to below max_length, then max_length itself."""
+    if max_length < 1 or min_length < 1:
+        raise ValueError(f"need positive lengths, got {max_length=}, {min_length=}")
+    lengths = []
+    length = 1 << (min_length - 1).bit_length()  # the first power of two >= min_length
+    while length < max_length:
+        lengths.append(length)
+        length *= 2
+    return (*lengths, max_length)
+
+
+def check_bucket_lengths(bucket_lengths: Sequence[int], max_length: int) -> tuple[int, ...]:
+    buckets = tuple(int(b) for b in bucket_lengths)
+    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+        raise ValueError(f"bucket_lengths must be positive and strictly increasing, got {buckets}")
+    if buckets[-1] < max_length:
+        raise ValueError(
+            f"the largest bucket ({buckets[-1]}) is below max_length ({max_length}); sequences of "
+            "max_length would not fit"
+        )
+    return buckets
+
+
+def bucket_length(length: int, bucket_lengths: Sequence[int]) -> int:
+    """The smallest bucket length >= length."""
+    for bucket in bucket_lengths:
+        if bucket >= length:
+            return bucket
+    raise ValueError(
+        f"a sequence of {length} tokens exceeds the largest bucket {bucket_lengths[-1]}"
+    )
+
+
+def collate_pairs(
+    examples: Sequence[PreferenceExample], pad_id: int, bucket_lengths: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """One padded batch (see the module docstring) of the given pairs."""
+    if not examples:
+        raise ValueError("cannot collate an empty list of pairs")
+    width = bucket_length(max(e.longest_sequence for e in examples), bucket_lengths)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        completions = [getattr(e, f"{side}_ids") for e in examples]
+        arrays = pad_side([e.prompt_ids for e in examples], completions, pad_id, width)
+        batch.update({f"{side}_{name}": array for name, array in arrays.items()})
+    return batch
+
+
+def pad_side(
+    prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], pad_id: int, width: int
+) -> dict[str, np.ndarray]:
+    batch_size = len(prompts)
+    input_ids_BxT = np.full((batch_size, width), pad_id, dtype=np.int32)
+    loss_mask_BxT = np.zeros((batch_size, width), dtype=np.int32)
+    segment_ids_BxT = np.zeros((batch_size, width), dtype=np.int32)
+    positions_BxT = np.zeros((batch_size, width), dtype=np.int32)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        prompt_len, length = len(prompt), len(prompt) + len(completion)
+        input_ids_BxT[row, :prompt_len] = prompt
+        input_ids_BxT[row, prompt_len:length] = completion
+        loss_mask_BxT[row, prompt_len:length] = 1
+        segment_ids_BxT[row, :length] = 1
+        positions_BxT[row, :length] = np.arange(length, dtype=np.int32)
+    # Token 0 is predicted by no logits, so it can never be scored (matters for empty prompts).
+    loss_mask_BxT[:, 0] = 0
+    return {
+        "input_ids": input_ids_BxT,
+        "loss_mask": loss_mask_BxT,
+        "segment_ids": segment_ids_BxT,
+        "positions": positions_BxT,
+    }

@@ -1,0 +1,193 @@
+"""The record schemas of the three data formats, and validation of one record against them.
+
+    preferences      {"prompt": str, "chosen": str, "rejected": str}
+    conversational   {"prompt": [message, ...], "chosen": [message, ...] | message,
+                      "rejected": [message, ...] | message}
+                     where a message is {"role": str, "content": str, ...}
+    implicit_prompt  {"chosen": str, "rejected": str} or {"chosen": [message, ...],
+                      "rejected": [message, ...]}: the prompt is the shared beginning
+
+For implicit prompts (as TRL's `extract_prompt`): with message lists the prompt is the shared
+leading messages. With strings it is the longest common prefix, moved back to the start of the word
+in which the two differ, and a single space before that word goes with the completions: byte-level
+BPE tokenises " word" as one piece, so this cut keeps both completions tokenised as they would be
+in the whole text (TRL moves back only the space).
+
+Extra keys in a record are ignored, except a 'prompt' in implicit_prompt data, which is an error
+rather than silently lost. The prompt may be empty; chosen and rejected may not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from flux_jax.data.records import DataError, RawRecord, json_type_name
+
+DATA_FORMATS = ("preferences", "conversational", "implicit_prompt")
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TextPair:
+    """A preference pair as text, ready to tokenise.
+
+    from_chat: the text was rendered by a chat template, which writes any special tokens itself,
+    so the tokenizer must not add its own to the prompt.
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str
+    line: int
+    from_chat: bool = False
+
+
+@dataclass(frozen=True)
+class ChatPair:
+    """A preference pair as chat messages; the completions are the messages after the prompt."""
+
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    source: str
+    line: int
+
+
+def check_data_format(data_format: str) -> None:
+    if data_format not in DATA_FORMATS:
+        raise ValueError(
+            f"unknown data_format {data_format!r}; valid formats are: {', '.join(DATA_FORMATS)}"
+        )
+
+
+def parse_record(record: RawRecord, data_format: str) -> TextPair | ChatPair:
+    """Validate one record against `data_format`; raises DataError naming file, line and field."""
+    check_data_format(data_format)
+    fields = FieldReader(record)
+    if data_format == "preferences":
+        return TextPair(
+            prompt=fields.string("prompt", allow_empty=True),
+            chosen=fields.string("chosen"),
+            rejected=fields.string("rejected"),
+            source=record.source,
+            line=record.line,
+        )
+    if data_format == "conversational":
+        return ChatPair(
+            prompt=fields.messages("prompt", allow_empty=True),
+            chosen=fields.completion_messages("chosen"),
+            rejected=fields.completion_messages("rejected"),
+            source=record.source,
+            line=record.line,
+        )
+    return parse_implicit_prompt(fields)
+
+
+def parse_implicit_prompt(fields: FieldReader) -> TextPair | ChatPair:
+    record = fields.record
+    if "prompt" in record.data:
+        fields.fail(
+            "prompt", "is present; data_format 'implicit_prompt' is for records without one"
+        )
+    if isinstance(fields.get("chosen"), str):
+        chosen, rejected = fields.string("chosen"), fields.string("rejected")
+        if chosen == rejected:
+            fields.fail("rejected", "is identical to 'chosen', so no prompt can be split off")
+        prompt, chosen, rejected = split_shared_text(chosen, rejected)
+        return TextPair(prompt, chosen, rejected, record.source, record.line)
+    chosen_messages = fields.messages("chosen")
+    rejected_messages = fields.messages("rejected")
+    shared = 0
+    for a, b in zip(chosen_messages, rejected_messages, strict=False):
+        if a != b:
+            break
+        shared += 1
+    for name, messages in (("chosen", chosen_messages), ("rejected", rejected_messages)):
+        if shared == len(messages):
+            fields.fail(name, "has no messages after those it shares with the other side")
+        if not messages[-1]["content"].strip():
+            fields.fail(f"{name}[-1].content", "is empty")
+    return ChatPair(
+        prompt=chosen_messages[:shared],
+        chosen=chosen_messages[shared:],
+        rejected=rejected_messages[shared:],
+        source=record.source,
+        line=record.line,
+    )
+
+
+def split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen completion, rejected completion) of two different strings; see the module
+    docstring for where the cut goes."""
+    cut = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        cut += 1
+    while cut > 0 and not chosen[cut - 1].isspace():
+        cut -= 1
+    if cut > 0 and chosen[cut - 1] == " ":
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+class FieldReader:
+    """Typed access to one record's fields, raising DataErrors that name the field."""
+
+    def __init__(self, record: RawRecord):
+        self.record = record
+
+    def fail(self, field: str, reason: str) -> NoReturn:
+        raise DataError(self.record.source, self.record.line, reason, field=field)
+
+    def get(self, name: str) -> Any:
+        if name not in self.record.data:
+            keys = ", ".join(sorted(self.record.data)) or "none"
+            self.fail(name, f"is missing (record has keys: {keys})")
+        return self.record.data[name]
+
+    def string(self, name: str, *, allow_empty: bool = False) -> str:
+        value = self.get(name)
+        if not isinstance(value, str):
+            self.fail(name, f"has type {json_type_name(value)}, expected a string")
+        if not allow_empty and not value.strip():
+            self.fail(name, "is empty")
+        return value
+
+    def messages(self, name: str, *, allow_empty: bool = False) -> list[Message]:
+        value = self.get(name)
+        if not isinstance(value, list):
+            self.fail(name, f"has type {json_type_name(value)}, expected an array of messages")
+        if not allow_empty and not value:
+            self.fail(name, "is empty")
+        for index, message in enumerate(value):
+            self.check_message(f"{name}[{index}]", message)
+        return list(value)
+
+    def completion_messages(self, name: str) -> list[Message]:
+        """A completion: a list of messages, or one message object standing for a list of one."""
+        value = self.get(name)
+        if isinstance(value, dict):
+            self.check_message(name, value)
+            messages = [value]
+            prefix = name
+        else:
+            messages = self.messages(name)
+            prefix = f"{name}[-1]"
+        if not messages[-1]["content"].strip():
+            self.fail(f"{prefix}.content", "is empty")
+        return messages
+
+    def check_message(self, where: str, message: Any) -> None:
+        if not isinstance(message, dict):
+            self.fail(where, f"has type {json_type_name(message)}, expected a message object")
+        for key in ("role", "content"):
+            if key not in message:
+                keys = ", ".join(sorted(message)) or "none"
+                self.fail(f"{where}.{key}", f"is missing (message has keys: {keys})")
+            if not isinstance(message[key], str):
+                found = json_type_name(message[key])
+                self.fail(f"{where}.{key}", f"has type {found}, expected a string")
