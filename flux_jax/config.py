@@ -1,0 +1,624 @@
+"""FluxConfig: every setting of a flux_jax DPO run, its default, and its validation.
+
+FluxConfig is an `ml_collections.ConfigDict` with a fixed schema (`_SCHEMA` below): values read as
+attributes (`config.algorithm.beta`, `config.checkpoint.save_steps`), every key has a default, and
+every way of building one -- `FluxConfig()`/`default()`, `from_dict`, `from_yaml` (the tutorial's
+`dpo-config.yaml` verbatim), `from_file` (big_vision-style `get_config()` files, `path.py:arg`),
+`apply_overrides` (CLI `key=value` strings) -- checks keys, types and ranges and raises
+`ConfigError` naming the key (and the file) on the first load.
+
+Assignments are checked too: `config.algorithm.bta = 1` or `config.algorithm.beta = "x"` raise
+`ConfigError` at once. Cross-field and range checks (e.g. `batch_size % grad_accum_steps`) cannot
+run per assignment, so code that mutates a config by hand calls `validate()` afterwards; every
+loader does so itself.
+
+Type rules: ints are accepted for float keys; a numeric string for a float key is converted,
+because PyYAML (YAML 1.1) reads `5e-7` -- no dot -- as the string "5e-7" while `5.0e-7` is a float,
+and either spelling clearly means the number. Everything else is strict: no string for an int or
+bool key, no float for an int key, no null anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import math
+import numbers
+import pathlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import ml_collections
+import yaml
+
+__all__ = ["ConfigError", "FluxConfig"]
+
+
+class ConfigError(ValueError):
+    """An invalid config: each entry of `errors` names the offending key; `source` the file."""
+
+    def __init__(self, errors: str | list[str], source: str | None = None):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        self.source = source
+        if len(self.errors) == 1:
+            message = self.errors[0]
+        else:
+            lines = "\n".join(f"  - {e}" for e in self.errors)
+            message = f"{len(self.errors)} problems:\n{lines}"
+        super().__init__(f"{source}: {message}" if source else message)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+    """One leaf of the schema: its default (whose type is the key's type), meaning, and enum."""
+
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+
+
+_ALGORITHMS_IMPLEMENTED = ("dpo",)
+
+# The whole schema, in the order `to_dict`/`to_yaml` write it. Each doc says what the key means
+# and its unit; the range checks live in `_range_errors`.
+_SCHEMA: dict[str, Any] = {
+    # HF model dir or hub id (config.json + *.safetensors), or "builtin:tiny-qwen3".
+    "model_path": _Key("builtin:tiny-qwen3", "model to train; builtin = tiny random Qwen3"),
+    "tokenizer_path": _Key("", "tokenizer dir or hub id; '' = same as model_path"),
+    "output_dir": _Key("./outputs/dpo", "directory for checkpoints, logs and the saved config"),
+    "seed": _Key(0, "PRNG seed for parameter init (builtin model), data order and sampling"),
+    "num_steps": _Key(1000, "number of optimiser steps to train for"),
+    "batch_size": _Key(8, "preference pairs per optimiser step, global over devices/hosts"),
+    "grad_accum_steps": _Key(1, "micro-batches per optimiser step; must divide batch_size"),
+    "learning_rate": _Key(5e-7, "peak AdamW learning rate (after warmup)"),
+    "sglang": {
+        # Accepted so the tutorial's YAML loads; DPO trains on a fixed dataset, no rollouts.
+        "base_url": _Key("", "SGLang rollout server URL; unused by DPO"),
+    },
+    "algorithm": {
+        "name": _Key("dpo", "training algorithm; only 'dpo' is implemented"),
+        "beta": _Key(0.1, "inverse temperature on the policy/reference log-ratios (unitless)"),
+        "reference_free": _Key(False, "true = no reference model (its log-probs taken as 0)"),
+        "label_smoothing": _Key(0.0, "assumed label-flip probability (cDPO/robust), [0, 0.5)"),
+        "loss_type": _Key(
+            "sigmoid",
+            "sigmoid (DPO), ipo, hinge (SLiC) or robust (rDPO)",
+            ("sigmoid", "ipo", "hinge", "robust"),
+        ),
+        "sft_coef": _Key(0.0, "weight of the NLL loss on chosen responses added to the loss"),
+        "kl_coef": _Key(0.0, "weight of a KL(policy || reference) penalty added to the loss"),
+        "precompute_ref_logps": _Key(False, "true = reference log-probs computed once, up front"),
+    },
+    "adaptive_async": {
+        "enabled": _Key(False, "async rollout/train overlap for GRPO/PPO; must be false for DPO"),
+    },
+    "checkpoint": {
+        "save_steps": _Key(200, "save a checkpoint every this many optimiser steps"),
+        "max_to_keep": _Key(3, "number of most recent checkpoints kept on disk"),
+        "resume": _Key(True, "true = resume from the latest checkpoint in output_dir if any"),
+        "async_save": _Key(True, "true = write checkpoints in the background while training"),
+    },
+    "data": {
+        "format": _Key(
+            "preferences",
+            "preferences ({prompt, chosen, rejected} strings) or conversational (chat messages)",
+            ("preferences", "conversational"),
+        ),
+        "max_length": _Key(1024, "maximum tokens per sequence (prompt + response)"),
+        "max_prompt_length": _Key(512, "maximum prompt tokens; must be < max_length"),
+        "drop_truncated": _Key(False, "true = drop pairs that need truncation, false = truncate"),
+        "on_bad_record": _Key("error", "bad JSONL record: error or skip", ("error", "skip")),
+        "bucket_lengths": _Key((), "padded lengths (tokens), last >= max_length; () = powers of 2"),
+        "num_threads": _Key(2, "data-loading threads per host"),
+        "prefetch": _Key(4, "batches prefetched ahead of the training step"),
+        "shuffle_seed": _Key(-1, "seed of the data shuffle; -1 = use seed"),
+    },
+    "model": {
+        "param_dtype": _Key("float32", "trained weights and Adam state", ("float32", "bfloat16")),
+        "compute_dtype": _Key("float32", "activations and matmuls", ("float32", "bfloat16")),
+        "remat": _Key(
+            "none", "per-layer remat: none, full, dots (keep matmuls)", ("none", "full", "dots")
+        ),
+        "attention": _Key("xla", "attention kernel", ("xla", "cudnn", "auto")),
+        "logprob_chunk_size": _Key(512, "positions per chunk of LM-head logits; 0 = unchunked"),
+        "prefix_sharing": _Key(False, "true = run the shared prompt once for chosen and rejected"),
+        "packing": _Key(False, "true = pack several pairs into one sequence row"),
+    },
+    "optimizer": {
+        "b1": _Key(0.9, "AdamW first-moment decay"),
+        "b2": _Key(0.999, "AdamW second-moment decay"),
+        "eps": _Key(1e-8, "AdamW denominator epsilon"),
+        "weight_decay": _Key(0.0, "decoupled AdamW weight decay (per step, times the LR)"),
+        "max_grad_norm": _Key(1.0, "clip the global gradient L2 norm to this; 0 = off"),
+        "schedule": _Key("constant", "LR after warmup", ("constant", "cosine", "linear")),
+        "warmup_steps": _Key(0, "optimiser steps of linear warmup from 0 to learning_rate"),
+        "min_lr_ratio": _Key(0.0, "final LR as a fraction of learning_rate (cosine, linear)"),
+    },
+    "eval": {
+        "every_steps": _Key(0, "evaluate every this many optimiser steps; 0 = only at the end"),
+        "batch_size": _Key(8, "preference pairs per eval batch, global"),
+        "max_batches": _Key(0, "eval batches per evaluation; 0 = the whole eval set"),
+    },
+    "logging": {
+        "every_steps": _Key(1, "write metrics every this many optimiser steps"),
+        "tensorboard": _Key(True, "true = write TensorBoard event files under output_dir"),
+        "progress_bar": _Key(True, "true = show a progress bar on the terminal"),
+    },
+    # Devices per mesh axis; -1 = the remaining devices. The product must equal the device
+    # count, which is only known (and checked) when the mesh is built.
+    "mesh": {
+        "data": _Key(1, "devices on the data-parallel axis"),
+        "fsdp": _Key(-1, "devices on the FSDP (sharded weights and optimiser state) axis"),
+        "tensor": _Key(1, "devices on the tensor-parallel axis"),
+    },
+    "generation": {
+        "max_new_tokens": _Key(128, "maximum tokens generated per prompt"),
+        "temperature": _Key(0.0, "sampling temperature; 0 = greedy"),
+        "top_k": _Key(0, "sample from the k most likely tokens; 0 = no top-k filter"),
+        "top_p": _Key(1.0, "nucleus sampling probability mass, (0, 1]; 1 = off"),
+        "use_chat_template": _Key(True, "true = wrap prompts in the tokenizer's chat template"),
+    },
+}
+
+_SECTIONS = tuple(k for k, v in _SCHEMA.items() if isinstance(v, dict))
+_LEAVES: dict[str, _Key] = {}
+for _name, _entry in _SCHEMA.items():
+    if isinstance(_entry, dict):
+        _LEAVES.update({f"{_name}.{k}": v for k, v in _entry.items()})
+    else:
+        _LEAVES[_name] = _entry
+
+_KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean (true/false)",
+    tuple: "a list of integers",
+}
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_TRUE_TEXT = ("true", "yes", "on", "1")
+_FALSE_TEXT = ("false", "no", "off", "0")
+
+
+def _unknown_key(path: str) -> str:
+    """The unknown-key message, naming the closest valid key if there is one."""
+    head, dot, rest = path.partition(".")
+    by_leaf: dict[str, str] = {}  # leaf name -> first full key ending in it
+    for full in _LEAVES:
+        by_leaf.setdefault(full.rsplit(".", 1)[-1], full)
+    leaf = path.rsplit(".", 1)[-1]
+    if by_leaf.get(leaf, path) != path:  # A right key at the wrong level: `beta` -> algorithm.beta.
+        match = [by_leaf[leaf]]
+    elif dot and head in _SECTIONS:  # Compare within the section: the shared `head.` prefix
+        match = difflib.get_close_matches(rest, list(_SCHEMA[head]), n=1, cutoff=0.6)
+        match = [f"{head}.{m}" for m in match]  # would make any two of its keys look alike.
+    else:
+        candidates = [*_LEAVES] if dot else list(_SCHEMA)
+        match = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
+    if not match:
+        close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
+        match = [by_leaf[close[0]]] if close else []
+    if match:
+        return f"unknown key '{path}'; did you mean '{match[0]}'?"
+    if head in _SECTIONS:
+        return f"unknown key '{path}'; valid keys in '{head}': {', '.join(_SCHEMA[head])}"
+    return f"unknown key '{path}'; valid top-level keys: {', '.join(_SCHEMA)}"
+
+
+def _type_error(path: str, key: _Key, value: Any) -> ConfigError:
+    kind = type(key.default)
+    got = "null" if value is None else f"{type(value).__name__} {value!r}"
+    hint = ""
+    if kind is int and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        hint = " (write a plain integer such as 1000: YAML reads 1e3 as a string)"
+    return ConfigError(f"{path} expects {_KIND_NAMES[kind]}, got {got}{hint}")
+
+
+def _coerce(path: str, key: _Key, value: Any) -> Any:
+    """`value` converted to the type of `key.default`, or ConfigError naming `path`."""
+    kind = type(key.default)
+    is_bool = isinstance(value, bool)
+    if kind is bool and is_bool:
+        return value
+    if kind is int and isinstance(value, numbers.Integral) and not is_bool:
+        return int(value)
+    if kind is float and isinstance(value, numbers.Real) and not is_bool:
+        return float(value)
+    if kind is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is tuple and isinstance(value, (list, tuple)):
+        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+            return tuple(int(v) for v in value)
+    raise _type_error(path, key, value)
+
+
+def _parse_text(path: str, key: _Key, text: str) -> Any:
+    """A command-line value (always text) parsed by the type of the key it sets."""
+    kind, stripped = type(key.default), text.strip()
+    if kind is bool:
+        if stripped.lower() in _TRUE_TEXT + _FALSE_TEXT:
+            return stripped.lower() in _TRUE_TEXT
+    elif kind is int:
+        try:
+            return int(stripped)
+        except ValueError:
+            pass
+    elif kind is tuple:
+        parts = [p.strip() for p in stripped.strip("()[]").split(",") if p.strip()]
+        try:
+            return tuple(int(p) for p in parts)
+        except ValueError:
+            pass
+    else:
+        return _coerce(path, key, text)
+    raise _type_error(path, key, text)
+
+
+def _is_mapping(value: Any) -> bool:
+    return isinstance(value, (Mapping, ml_collections.ConfigDict))
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+class _Section(ml_collections.ConfigDict):
+    """One schema section (`config.algorithm`, ...): a locked ConfigDict with checked writes."""
+
+    def __init__(self, name: str):
+        super().__init__(type_safe=True, sort_keys=False)
+        object.__setattr__(self, "_name", name)
+        for key, spec in _SCHEMA[name].items():
+            ml_collections.ConfigDict.__setitem__(self, key, spec.default)
+        self.lock()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        path = f"{self._name}.{key}"
+        if key not in _SCHEMA[self._name]:
+            raise ConfigError(_unknown_key(path))
+        value = _coerce(path, _SCHEMA[self._name][key], value)
+        ml_collections.ConfigDict.__setitem__(self, key, value)
+
+    def __setattr__(self, attribute: str, value: Any) -> None:
+        self[attribute] = value
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("_") or attribute not in self._fields:
+            raise AttributeError(_unknown_key(f"{self._name}.{attribute}"))
+        return self._fields[attribute]
+
+    def to_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The section as a plain dict (tuples become lists, so it is YAML/JSON-ready)."""
+        return {k: _plain(v) for k, v in self._fields.items()}
+
+    def copy_and_resolve_references(self, visit_map: Any = None) -> _Section:
+        return _restore_section(self._name, self.to_dict())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restore_section, (self._name, self.to_dict())
+
+
+def _restore_section(name: str, values: Mapping[str, Any]) -> _Section:
+    section = _Section(name)
+    for key, value in values.items():
+        section[key] = value
+    return section
+
+
+class FluxConfig(ml_collections.ConfigDict):
+    """The configuration of a flux_jax DPO run; see the module docstring and `_SCHEMA`.
+
+    `FluxConfig(values)` starts from the defaults, applies the nested mapping `values` and
+    validates; `source` (a file name) prefixes every error message.
+    """
+
+    def __init__(self, values: Mapping[str, Any] | None = None, *, source: str | None = None):
+        super().__init__(type_safe=True, sort_keys=False)
+        for key, entry in _SCHEMA.items():
+            default = _Section(key) if isinstance(entry, dict) else entry.default
+            ml_collections.ConfigDict.__setitem__(self, key, default)
+        self.lock()
+        if values is not None:
+            if not _is_mapping(values):
+                raise ConfigError(
+                    f"expected a mapping of config keys, got {type(values).__name__}", source
+                )
+            errors = self._merge(values)
+            if errors:
+                raise ConfigError(errors, source)
+        self._check(source)
+
+    # --- Construction -----------------------------------------------------------------------
+
+    @classmethod
+    def default(cls) -> FluxConfig:
+        """Every key at its default: the tiny built-in model, the tutorial's hyperparameters."""
+        return cls()
+
+    @classmethod
+    def from_dict(
+        cls, values: Mapping[str, Any] | ml_collections.ConfigDict, *, source: str | None = None
+    ) -> FluxConfig:
+        """Defaults updated with a nested mapping (dict or ConfigDict); keys missing keep them."""
+        if isinstance(values, ml_collections.ConfigDict):
+            values = values.to_dict()
+        return cls(values, source=source)
+
+    @classmethod
+    def from_yaml(cls, path: str | pathlib.Path) -> FluxConfig:
+        """Load a YAML file such as the tutorial's `dpo-config.yaml`; keys missing keep defaults."""
+        source = str(path)
+        try:
+            text = pathlib.Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file: {e.strerror}", source) from None
+        try:
+            values = yaml.load(text, Loader=_StrictYamlLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid YAML: {e}", source) from None
+        return cls({} if values is None else values, source=source)
+
+    @classmethod
+    def from_file(cls, spec: str | pathlib.Path) -> FluxConfig:
+        """Load `configs/x.py` (its `get_config()`), `configs/x.py:arg` (`get_config(arg)`), or
+        a `.yaml`/`.yml` file (`from_yaml`)."""
+        spec = str(spec)
+        path, has_arg, arg = spec.partition(".py:")
+        path = path + ".py" if has_arg else spec
+        if path.endswith((".yaml", ".yml")):
+            return cls.from_yaml(path)
+        if not path.endswith(".py"):
+            raise ConfigError("expected a .py config file (optionally path.py:arg) or .yaml", path)
+        if not pathlib.Path(path).is_file():
+            raise ConfigError("no such config file", path)
+        module_spec = importlib.util.spec_from_file_location(
+            f"flux_jax_user_config_{abs(hash(path))}", path
+        )
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+            if not hasattr(module, "get_config"):
+                raise ConfigError("defines no get_config() function")
+            values = module.get_config(arg) if has_arg else module.get_config()
+        except ConfigError as e:  # An assignment in the file failed: name the file.
+            raise ConfigError(e.errors, path) from None
+        if not _is_mapping(values):
+            raise ConfigError(f"get_config() returned {type(values).__name__}, not a config", path)
+        return cls.from_dict(values, source=path)
+
+    # --- Changing and checking ---------------------------------------------------------------
+
+    def apply_overrides(self, overrides: Iterable[str]) -> FluxConfig:
+        """Apply CLI-style `dotted.key=value` strings (values parsed by the key's type), then
+        validate. All-or-nothing: on any error `self` is unchanged. A leading `--config.` or
+        `config.` on a key is ignored, so raw `--config.algorithm.beta=0.2` flags work too.
+        Returns self."""
+        if isinstance(overrides, str):
+            overrides = [overrides]
+        trial = FluxConfig(self.to_dict())
+        errors = []
+        for item in overrides:
+            key, eq, text = item.partition("=")
+            key = key.strip().removeprefix("--").removeprefix("config.")
+            if not eq:
+                errors.append(f"override {item!r}: expected key=value")
+            elif key in _SECTIONS:
+                errors.append(f"override {item!r}: {key} is a section; set one of its keys")
+            elif key not in _LEAVES:
+                errors.append(f"override {item!r}: {_unknown_key(key)}")
+            else:
+                try:
+                    trial[key] = _parse_text(key, _LEAVES[key], text)
+                except ConfigError as e:
+                    errors.extend(f"override {item!r}: {msg}" for msg in e.errors)
+        if errors:
+            raise ConfigError(errors)
+        trial.validate()
+        self._merge(trial.to_dict())
+        return self
+
+    def validate(self) -> FluxConfig:
+        """Check every type, range and cross-field rule; raise ConfigError listing all failures.
+        Loaders run this themselves; call it after changing a config by hand. Returns self."""
+        self._check(None)
+        return self
+
+    def _check(self, source: str | None) -> None:
+        errors = []
+        for path, key in _LEAVES.items():
+            try:
+                _coerce(path, key, self[path])
+            except ConfigError as e:
+                errors.extend(e.errors)
+        if not errors:  # Range rules assume the types are right.
+            errors = _range_errors(self)
+        if errors:
+            raise ConfigError(errors, source)
+
+    def _merge(self, values: Mapping[str, Any], prefix: str = "") -> list[str]:
+        """Assign a nested mapping key by key; returns the error messages instead of raising."""
+        errors = []
+        for key, value in values.items():
+            path = f"{prefix}{key}"
+            if not prefix and path in _SECTIONS and (value is None or _is_mapping(value)):
+                # `checkpoint:` with every line below it commented out is YAML null: no change.
+                errors += self._merge(value or {}, prefix=f"{path}.")
+                continue
+            try:
+                self[path] = value
+            except ConfigError as e:
+                errors.extend(e.errors)
+        return errors
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        head, dot, rest = str(key).partition(".")
+        if head in _SECTIONS:
+            section = self._fields[head]
+            if dot:
+                section[rest] = value
+            elif _is_mapping(value):  # `config.algorithm = dict(beta=0.2)` updates those keys.
+                for sub_key, sub_value in value.items():
+                    section[sub_key] = sub_value
+            else:
+                raise ConfigError(
+                    f"{head} is a section: set its keys ({', '.join(_SCHEMA[head])}), "
+                    f"not {type(value).__name__} {value!r}"
+                )
+        elif dot or head not in _SCHEMA:
+            raise ConfigError(_unknown_key(str(key)))
+        else:
+            ml_collections.ConfigDict.__setitem__(self, key, _coerce(key, _SCHEMA[key], value))
+
+    def __setattr__(self, attribute: str, value: Any) -> None:
+        self[attribute] = value
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("_") or attribute not in self._fields:
+            raise AttributeError(_unknown_key(attribute))
+        return self._fields[attribute]
+
+    # --- Output ------------------------------------------------------------------------------
+
+    def to_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The config as plain nested dicts in schema order (tuples as lists: YAML/JSON-ready)."""
+        return {
+            k: v.to_dict() if isinstance(v, _Section) else _plain(v)
+            for k, v in self._fields.items()
+        }
+
+    def to_yaml(self, path: str | pathlib.Path | None = None, **kwargs: Any) -> str:
+        """The config as YAML text that `from_yaml` reads back; also written to `path` if given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        if path is not None:
+            path = pathlib.Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("# flux_jax config: load with FluxConfig.from_yaml(path)\n" + text)
+        return text
+
+    def copy_and_resolve_references(self, visit_map: Any = None) -> FluxConfig:
+        return FluxConfig(self.to_dict())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return FluxConfig, (self.to_dict(),)
+
+    def __str__(self) -> str:
+        return self.to_yaml()
+
+    def __repr__(self) -> str:
+        return f"FluxConfig({self.to_dict()!r})"
+
+    def __dir__(self) -> list[str]:
+        return [*self._fields, *dir(type(self))]
+
+
+def _range_errors(c: FluxConfig) -> list[str]:
+    """Range, enum and cross-field rules; every message starts with the key it is about."""
+    errors: list[str] = []
+
+    def need(ok: bool, path: str, rule: str) -> None:
+        if not ok:
+            errors.append(f"{path} must be {rule}, got {c[path]!r}")
+
+    for path, key in _LEAVES.items():
+        value = c[path]
+        if key.choices and value not in key.choices:
+            valid = ", ".join(repr(x) for x in key.choices)
+            errors.append(f"{path} must be one of {valid}; got {value!r}")
+        if isinstance(value, float):
+            need(math.isfinite(value), path, "a finite number")
+
+    a, d, o = c.algorithm, c.data, c.optimizer
+    if a.name not in _ALGORITHMS_IMPLEMENTED:
+        errors.append(
+            f"algorithm.name {a.name!r} is not implemented: flux_jax implements only 'dpo'"
+        )
+    if c.adaptive_async.enabled:
+        errors.append(
+            "adaptive_async.enabled=true is not supported with algorithm 'dpo': adaptive async "
+            "overlaps rollout generation with training (GRPO/PPO), and DPO has no rollouts -- it "
+            "trains on a fixed preference dataset. Set adaptive_async.enabled: false"
+        )
+    need(c.seed >= 0, "seed", ">= 0")
+    need(c.num_steps >= 1, "num_steps", ">= 1")
+    need(c.batch_size >= 1, "batch_size", ">= 1")
+    need(c.grad_accum_steps >= 1, "grad_accum_steps", ">= 1")
+    if c.batch_size >= 1 and c.grad_accum_steps >= 1 and c.batch_size % c.grad_accum_steps:
+        errors.append(
+            f"batch_size ({c.batch_size}) must be divisible by grad_accum_steps "
+            f"({c.grad_accum_steps}): each micro-batch holds batch_size / grad_accum_steps pairs"
+        )
+    need(c.learning_rate > 0, "learning_rate", "> 0")
+    need(a.beta > 0, "algorithm.beta", "> 0")
+    need(0 <= a.label_smoothing < 0.5, "algorithm.label_smoothing", "in [0, 0.5)")
+    if a.label_smoothing > 0 and a.loss_type in ("hinge", "ipo"):
+        errors.append(
+            f"algorithm.label_smoothing={a.label_smoothing} has no effect with "
+            f"loss_type={a.loss_type!r} (only 'sigmoid' and 'robust' use it); set it to 0"
+        )
+    need(a.sft_coef >= 0, "algorithm.sft_coef", ">= 0")
+    need(a.kl_coef >= 0, "algorithm.kl_coef", ">= 0")
+    if a.reference_free and a.kl_coef > 0:
+        errors.append("algorithm.kl_coef > 0 needs the reference model; reference_free is true")
+    if a.reference_free and a.precompute_ref_logps:
+        errors.append("algorithm.precompute_ref_logps needs a reference; reference_free is true")
+    need(c.checkpoint.save_steps >= 1, "checkpoint.save_steps", ">= 1")
+    need(c.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1")
+    need(d.max_length >= 2, "data.max_length", ">= 2")
+    need(d.max_prompt_length >= 1, "data.max_prompt_length", ">= 1")
+    if d.max_prompt_length >= d.max_length:
+        errors.append(
+            f"data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length "
+            f"({d.max_length}) to leave room for the response"
+        )
+    buckets = (0, *d.bucket_lengths)
+    increasing = all(x < y for x, y in zip(buckets, buckets[1:], strict=False))
+    need(
+        increasing and (not d.bucket_lengths or buckets[-1] >= d.max_length),
+        "data.bucket_lengths",
+        "strictly increasing positive lengths, the largest >= data.max_length (so every "
+        "sequence fits a bucket), or () for the default",
+    )
+    need(d.num_threads >= 0, "data.num_threads", ">= 0")
+    need(d.prefetch >= 0, "data.prefetch", ">= 0")
+    need(d.shuffle_seed >= -1, "data.shuffle_seed", ">= 0, or -1 to use seed")
+    need(c.model.logprob_chunk_size >= 0, "model.logprob_chunk_size", ">= 0 (0 = unchunked)")
+    need(0 <= o.b1 < 1, "optimizer.b1", "in [0, 1)")
+    need(0 <= o.b2 < 1, "optimizer.b2", "in [0, 1)")
+    need(o.eps > 0, "optimizer.eps", "> 0")
+    need(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0")
+    need(o.max_grad_norm >= 0, "optimizer.max_grad_norm", ">= 0 (0 = no clipping)")
+    need(0 <= o.warmup_steps <= c.num_steps, "optimizer.warmup_steps", "in [0, num_steps]")
+    need(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "in [0, 1]")
+    need(c.eval.every_steps >= 0, "eval.every_steps", ">= 0 (0 = only at the end)")
+    need(c.eval.batch_size >= 1, "eval.batch_size", ">= 1")
+    need(c.eval.max_batches >= 0, "eval.max_batches", ">= 0 (0 = all)")
+    need(c.logging.every_steps >= 1, "logging.every_steps", ">= 1")
+    for axis in _SCHEMA["mesh"]:
+        need(c.mesh[axis] >= 1 or c.mesh[axis] == -1, f"mesh.{axis}", ">= 1, or -1")
+    if sum(v == -1 for v in c.mesh.to_dict().values()) > 1:
+        errors.append("mesh: at most one of data, fsdp, tensor may be -1 (the remaining devices)")
+    g = c.generation
+    need(g.max_new_tokens >= 1, "generation.max_new_tokens", ">= 1")
+    need(g.temperature >= 0, "generation.temperature", ">= 0 (0 = greedy)")
+    need(g.top_k >= 0, "generation.top_k", ">= 0 (0 = off)")
+    need(0 < g.top_p <= 1, "generation.top_p", "in (0, 1]")
+    return errors
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, which PyYAML would otherwise silently overwrite."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
