@@ -1,0 +1,234 @@
+"""Sequence log-probabilities under a language-model head, without materialising [B, T, V] logits.
+
+DPO only needs, per sequence, the log-probability of its response tokens. For Qwen the vocabulary
+is 151,936 wide, so the full fp32 logits of a modest batch (16 x 2048 tokens) take ~19 GiB, and the
+backward pass needs more of the same. Here the head is applied one sequence chunk at a time inside
+a `jax.lax.scan`, and each chunk has a `jax.custom_vjp`: the forward keeps only the chunk's
+per-token log-probs and [B, C] log-normaliser, and the backward recomputes one chunk's logits and
+turns them into `d logits = g * (onehot - softmax)` in one fused pass. Peak head memory is about
+two [B, chunk, V] fp32 buffers plus the fp32 [D, V] head gradient, at the cost of one extra head
+matmul in the backward pass (`tools/logprob_memory.py` prints the compiled numbers).
+
+Sharding: the target logit is picked with a one-hot compare, not a gather, so a head sharded over
+V (tensor parallelism) only all-reduces [B, C] statistics, never the logits. With the batch sharded
+over data-parallel devices, XLA all-reduces the head gradient once per chunk (it is a loop carry),
+so fewer, larger chunks mean fewer of those reductions.
+
+Convention (shared with the data pipeline and the train step):
+  `loss_mask_BxT[b, t] = 1` means token `input_ids_BxT[b, t]` is a response token whose log-prob
+  counts. It is scored from the logits at position t - 1, so position 0 can never be scored and its
+  mask value is ignored. Internally `hidden[:, :-1]` predicts `input_ids[:, 1:]` under
+  `loss_mask[:, 1:]`.
+
+Numerics: the head matmul runs in `compute_dtype` (e.g. bf16) but accumulates into fp32
+(`preferred_element_type=float32`), and the log-softmax is always taken in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+DEFAULT_CHUNK_SIZE = 512
+
+
+def _chunk_logits(
+    hidden_BxCxD: jax.Array, lm_head_DxV: jax.Array, compute_dtype: DTypeLike
+) -> jax.Array:
+    return jnp.einsum(
+        "bcd,dv->bcv",
+        hidden_BxCxD.astype(compute_dtype),
+        lm_head_DxV.astype(compute_dtype),
+        # Accumulate in fp32 even for bf16 inputs: log-softmax over 152k classes is sensitive to
+        # logit rounding, and a bf16 logit is only good to ~3 significant digits.
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _is_target(targets_BxC: jax.Array, vocab: int) -> jax.Array:
+    # A one-hot compare instead of a gather: XLA fuses it into the consuming reduction or
+    # elementwise op (no [B, C, V] buffer), and with V sharded over a tensor-parallel axis it is a
+    # local reduction plus an all-reduce of [B, C], with nothing for the partitioner to guess.
+    vocab_ids_1x1xV = jax.lax.broadcasted_iota(jnp.int32, (1, 1, vocab), 2)
+    return vocab_ids_1x1xV == targets_BxC[..., None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunk_token_logprobs(
+    hidden_BxCxD: jax.Array,
+    lm_head_DxV: jax.Array,
+    targets_BxC: jax.Array,
+    mask_BxC: jax.Array,
+    compute_dtype: DTypeLike,
+) -> jax.Array:
+    """Masked log p(target) for one chunk of positions; the only place logits exist.
+
+    A custom VJP so that neither pass keeps logits beyond the chunk: the forward saves only the
+    [B, C] log-normaliser, and the backward recomputes the chunk's logits and turns them into
+    d logits = g * (onehot - softmax) in one fused elementwise pass.
+    """
+    return _chunk_fwd(hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, compute_dtype)[0]
+
+
+def _chunk_fwd(
+    hidden_BxCxD: jax.Array,
+    lm_head_DxV: jax.Array,
+    targets_BxC: jax.Array,
+    mask_BxC: jax.Array,
+    compute_dtype: DTypeLike,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    logits_BxCxV = _chunk_logits(hidden_BxCxD, lm_head_DxV, compute_dtype)
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    is_target_BxCxV = _is_target(targets_BxC, logits_BxCxV.shape[-1])
+    # Multiply rather than `where(..., 0.0)`: XLA hoists the loop-invariant [B, C, V] broadcast of
+    # the 0.0 out of the scan's while loop and keeps it alive as a full extra buffer.
+    target_logit_BxC = (logits_BxCxV * is_target_BxCxV).sum(axis=-1)
+    # `where`, not multiply: a masked position contributes exactly 0 whatever its logits are.
+    logps_BxC = jnp.where(mask_BxC, target_logit_BxC - lse_BxC, 0.0)
+    return logps_BxC, (hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, lse_BxC)
+
+
+def _chunk_bwd(
+    compute_dtype: DTypeLike, residuals: tuple[jax.Array, ...], g_BxC: jax.Array
+) -> tuple[jax.Array | None, ...]:
+    hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, lse_BxC = residuals
+    logits_BxCxV = _chunk_logits(hidden_BxCxD, lm_head_DxV, compute_dtype)
+    g_BxC = jnp.where(mask_BxC, g_BxC, 0.0)
+    is_target_BxCxV = _is_target(targets_BxC, logits_BxCxV.shape[-1])
+    softmax_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
+    dlogits_BxCxV = (g_BxC[..., None] * (is_target_BxCxV - softmax_BxCxV)).astype(compute_dtype)
+    dhidden_BxCxD = jnp.einsum(
+        "bcv,dv->bcd",
+        dlogits_BxCxV,
+        lm_head_DxV.astype(compute_dtype),
+        preferred_element_type=jnp.float32,
+    )
+    dlm_head_DxV = jnp.einsum(
+        "bcd,bcv->dv",
+        hidden_BxCxD.astype(compute_dtype),
+        dlogits_BxCxV,
+        preferred_element_type=jnp.float32,
+    )
+    # Integer targets and the mask get no cotangent (None is JAX's symbolic zero).
+    return (
+        dhidden_BxCxD.astype(hidden_BxCxD.dtype),
+        dlm_head_DxV.astype(lm_head_DxV.dtype),
+        None,
+        None,
+    )
+
+
+_chunk_token_logprobs.defvjp(_chunk_fwd, _chunk_bwd)
+
+
+def token_logprobs(
+    hidden_BxTxD: jax.Array,
+    lm_head_DxV: jax.Array,
+    input_ids_BxT: jax.Array,
+    loss_mask_BxT: jax.Array,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    compute_dtype: DTypeLike = jnp.float32,
+) -> jax.Array:
+    """Per-token fp32 log-probs of `input_ids`, aligned with `input_ids`, zero where not scored.
+
+    Args:
+      hidden_BxTxD: final hidden states (after the last norm), any float dtype.
+      lm_head_DxV: the output projection. For tied embeddings pass `embedding_VxD.T`. Pass the
+        fp32 master weight, not a bf16 copy: its gradient is summed over chunks in this dtype.
+      input_ids_BxT: token ids; `input_ids[:, t]` is scored from `hidden[:, t - 1]`.
+      loss_mask_BxT: 1 (or True) where `input_ids[:, t]` is a response token to score. Column 0 is
+        ignored (nothing predicts the first token).
+      chunk_size: sequence positions per head application. `None` applies the head to the whole
+        sequence at once (the unchunked reference path; O(B x T x V) memory). A chunk larger than
+        the sequence is clamped to it. T - 1 need not be a multiple of it: positions are padded.
+      compute_dtype: dtype the hidden states and head are cast to for the matmul.
+
+    Returns:
+      logps_BxT: float32, `logps[b, t] = log p(input_ids[b, t] | input_ids[b, :t])` where
+      `loss_mask[b, t]` (t >= 1), else 0. Summing over T gives `sequence_logprobs`.
+    """
+    batch, seq_len, _ = hidden_BxTxD.shape
+    if input_ids_BxT.shape != (batch, seq_len) or loss_mask_BxT.shape != (batch, seq_len):
+        raise ValueError(
+            f"hidden {hidden_BxTxD.shape}, input_ids {input_ids_BxT.shape} and loss_mask "
+            f"{loss_mask_BxT.shape} must agree on [B, T]"
+        )
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive or None, got {chunk_size}")
+
+    # Shift once: position s of these predicts token s + 1.
+    hidden_BxSxD = hidden_BxTxD[:, :-1]
+    targets_BxS = input_ids_BxT[:, 1:]
+    mask_BxS = loss_mask_BxT[:, 1:].astype(bool)
+    num_pos = seq_len - 1
+    # The head goes into the scan uncast: its gradient is accumulated across chunks in the head's
+    # own dtype, which should be the fp32 master weight's, not bf16. (XLA hoists the
+    # loop-invariant cast to compute_dtype out of the loop anyway.)
+
+    if chunk_size is None or num_pos == 0:
+        logps_BxS = _chunk_token_logprobs(
+            hidden_BxSxD, lm_head_DxV, targets_BxS, mask_BxS, compute_dtype
+        )
+    else:
+        chunk = min(chunk_size, num_pos)
+        num_chunks = -(-num_pos // chunk)
+        pad = num_chunks * chunk - num_pos
+        # Padded positions get hidden 0, target 0 and mask 0: finite logits, zero contribution.
+        hidden_BxPxD = jnp.pad(hidden_BxSxD, ((0, 0), (0, pad), (0, 0)))
+        targets_BxP = jnp.pad(targets_BxS, ((0, 0), (0, pad)))
+        mask_BxP = jnp.pad(mask_BxS, ((0, 0), (0, pad)))
+
+        def to_chunks(x_BxP: jax.Array) -> jax.Array:
+            x_BxNxC = x_BxP.reshape(batch, num_chunks, chunk, *x_BxP.shape[2:])
+            return jnp.swapaxes(x_BxNxC, 0, 1)  # scan walks the leading (chunk) axis
+
+        # No jax.checkpoint needed: the custom VJP's residuals are the chunk's inputs and its [B, C]
+        # log-normaliser, so the scan stacks nothing of size V.
+        def body(carry: None, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[None, jax.Array]:
+            hidden_BxCxD, targets_BxC, mask_BxC = xs
+            return carry, _chunk_token_logprobs(
+                hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, compute_dtype
+            )
+
+        _, logps_NxBxC = jax.lax.scan(
+            body, None, (to_chunks(hidden_BxPxD), to_chunks(targets_BxP), to_chunks(mask_BxP))
+        )
+        logps_BxS = jnp.swapaxes(logps_NxBxC, 0, 1).reshape(batch, num_chunks * chunk)[:, :num_pos]
+
+    # Re-align with input_ids: column 0 (never scored) is 0.
+    return jnp.pad(logps_BxS, ((0, 0), (1, 0)))
+
+
+def sequence_logprobs(
+    hidden_BxTxD: jax.Array,
+    lm_head_DxV: jax.Array,
+    input_ids_BxT: jax.Array,
+    loss_mask_BxT: jax.Array,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    compute_dtype: DTypeLike = jnp.float32,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed fp32 log-prob of each sequence's response tokens, and how many tokens were scored.
+
+    Arguments as for `token_logprobs`. Returns `(logps_B float32, token_counts_B int32)`, where
+    `token_counts_B = loss_mask[:, 1:].sum(-1)`. A caller that also needs per-token log-probs (the
+    KL regulariser) should call `token_logprobs` once and sum it over T instead.
+    """
+    logps_BxT = token_logprobs(
+        hidden_BxTxD,
+        lm_head_DxV,
+        input_ids_BxT,
+        loss_mask_BxT,
+        chunk_size=chunk_size,
+        compute_dtype=compute_dtype,
+    )
+    return logps_BxT.sum(axis=-1), token_counts(loss_mask_BxT)
+
+
+def token_counts(loss_mask_BxT: jax.Array) -> jax.Array:
+    """Number of scored tokens per sequence (column 0 can never be scored), int32 [B]."""
+    return loss_mask_BxT[:, 1:].astype(jnp.int32).sum(axis=-1)
