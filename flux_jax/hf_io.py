@@ -129,7 +129,8 @@ def _check_tensors(ckpt: SafetensorsCheckpoint, expected: dict, cfg: QwenConfig)
     if problems:
         raise CheckpointError(
             f"{ckpt.path} does not match its config.json (model_type={cfg.model_type}, "
-            f"layers={cfg.num_hidden_layers}, hidden={cfg.hidden_size}):\n  " + "\n  ".join(problems)
+            f"layers={cfg.num_hidden_layers}, hidden={cfg.hidden_size}):\n  "
+            + "\n  ".join(problems)
         )
 
 
@@ -211,11 +212,13 @@ def load_pretrained(
             target = NamedSharding(mesh, sharding_lib.logical_to_spec(axes, shape, mesh))
         else:
             target = SingleDeviceSharding(jax.devices()[0])
-        var.set_value(jax.make_array_from_callback(
-            shape,
-            target,
-            lambda index, e=entry, s=shape: _read_block(ckpt, e, index, s, np_dtype),
-        ))
+        var.set_value(
+            jax.make_array_from_callback(
+                shape,
+                target,
+                lambda index, e=entry, s=shape: _read_block(ckpt, e, index, s, np_dtype),
+            )
+        )
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -288,7 +291,11 @@ def save_pretrained(
     # Assign tensors to shards from their sizes first: shard names carry the total count.
     shard_of, sizes, shard, used = {}, {}, 0, 0
     for hf_name, entry, layer in plan:
-        shape = flat[entry.path].get_value().shape[1:] if layer is not None else flat[entry.path].get_value().shape
+        shape = (
+            flat[entry.path].get_value().shape[1:]
+            if layer is not None
+            else flat[entry.path].get_value().shape
+        )
         nbytes = int(np.prod(shape)) * np_dtype.itemsize
         if used and used + nbytes > limit:
             shard, used = shard + 1, 0
@@ -309,7 +316,9 @@ def save_pretrained(
     for hf_name, tensor in _host_tensors(flat, plan, np_dtype):
         if shard_of[hf_name] != pending_shard:
             if writer:
-                save_file(pending, os.path.join(out_dir, shard_name(pending_shard)), {"format": "pt"})
+                save_file(
+                    pending, os.path.join(out_dir, shard_name(pending_shard)), {"format": "pt"}
+                )
             pending, pending_shard = {}, shard_of[hf_name]
         pending[hf_name] = tensor
     if writer:
@@ -356,4 +365,3 @@ def copy_tokenizer_files(source: str | os.PathLike, out_dir: str | os.PathLike) 
             f"{source}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) to copy"
         )
     return copied
-

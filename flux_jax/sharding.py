@@ -31,13 +31,13 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
 }
 
 
-def resolve_mesh_shape(
-    data: int, fsdp: int, tensor: int, num_devices: int
-) -> tuple[int, int, int]:
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
     """Mesh axis sizes with at most one -1 replaced by the devices left over."""
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ValueError(
+            f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+        )
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh: sizes must be positive or -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)

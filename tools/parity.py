@@ -40,7 +40,11 @@ def make_tiny_model_dir(model_type: str, out_dir: str) -> str:
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+            p.copy_(
+                1.0 + 0.2 * torch.randn_like(p)
+                if name.endswith("norm.weight")
+                else 0.1 * torch.randn_like(p)
+            )
     model.save_pretrained(out_dir)
     return out_dir
 
@@ -79,7 +83,9 @@ def compare(model_dir: str, lengths: list[int], seed: int) -> dict:
         return float(np.max(np.where(keep, np.abs(np.asarray(a) - np.asarray(b)), 0.0)))
 
     # HF's hidden_states: [embeddings, layer 1 .. layer L-1 outputs, final normed output].
-    per_layer = [max_diff(layers[i], ref.hidden_states[i + 1].numpy()) for i in range(len(layers) - 1)]
+    per_layer = [
+        max_diff(layers[i], ref.hidden_states[i + 1].numpy()) for i in range(len(layers) - 1)
+    ]
     return {
         "model": model_dir,
         "model_type": hf.config.model_type,

@@ -1,4 +1,4 @@
-"""QwenConfig: the architecture of a dense Qwen2 / Qwen2.5 / Qwen3 decoder, and its HF config.json form.
+"""QwenConfig: the shape of a dense Qwen2 / Qwen2.5 / Qwen3 decoder, and its HF config.json.
 
 Qwen2 and Qwen2.5 put biases on the q/k/v projections and have no q/k norm; dense Qwen3 drops the
 biases and adds an RMSNorm over each head of q and k. Everything else is shared. Settings we do not
@@ -180,7 +180,8 @@ def _refuse_unsupported(hf: dict[str, Any]) -> None:
     problems = []
     if hf.get("use_sliding_window"):
         problems.append(
-            f"use_sliding_window=True (sliding_window={hf.get('sliding_window')}) is not implemented"
+            f"use_sliding_window=True (sliding_window={hf.get('sliding_window')}) "
+            "is not implemented"
         )
     layer_types = hf.get("layer_types") or []
     other = sorted({t for t in layer_types if t != "full_attention"})

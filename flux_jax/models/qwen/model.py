@@ -188,7 +188,9 @@ class QwenForCausalLM(nnx.Module):
             positions_BxT = jnp.broadcast_to(
                 jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape
             )
-        x_BxTxD = jnp.take(self.embed_tokens.embedding.get_value(), input_ids_BxT, axis=0).astype(dtype)
+        x_BxTxD = jnp.take(self.embed_tokens.embedding.get_value(), input_ids_BxT, axis=0).astype(
+            dtype
+        )
         sin, cos = qwen_layers.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, dtype)
         mask = qwen_layers.causal_segment_mask(segment_ids_BxT)
 
@@ -233,7 +235,7 @@ def build_model(
     attention_impl: str | None = "xla",
     abstract: bool = False,
 ) -> QwenForCausalLM:
-    """A randomly initialised model, or (abstract=True) one whose parameters are ShapeDtypeStructs."""
+    """A random model, or (abstract=True) one whose parameters are ShapeDtypeStructs."""
 
     def make() -> QwenForCausalLM:
         return QwenForCausalLM(

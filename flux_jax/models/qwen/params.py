@@ -62,12 +62,14 @@ def weight_table(cfg: QwenConfig) -> list[WeightEntry]:
             ("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"), IDENTITY),
         ]
     for hf_suffix, path, layout in layer:
-        entries.append(WeightEntry(f"model.layers.{{i}}.{hf_suffix}", ("layers", *path), layout, True))
+        entries.append(
+            WeightEntry(f"model.layers.{{i}}.{hf_suffix}", ("layers", *path), layout, True)
+        )
     return entries
 
 
 def hf_shape(layout: str, ours: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF tensor shape holding one layer of our parameter of shape `ours` (layer axis removed)."""
+    """The HF tensor shape holding one layer (no layer axis) of our parameter of shape `ours`."""
     if layout == IDENTITY:
         return ours
     if layout == TRANSPOSE:

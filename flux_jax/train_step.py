@@ -1,0 +1,240 @@
+"""The jitted DPO train and eval steps.
+
+One forward pass of the policy scores the chosen and rejected sequences together (concatenated
+along the batch); the reference is the frozen initial weights, run under stop_gradient, or
+log-probs precomputed into the batch, or nothing (reference_free). Gradients are accumulated over
+micro-batches inside the step, then optax updates the fp32 master weights. The state is donated, so
+parameters and optimiser state are updated in place on the device.
+
+Batches are dicts of arrays (see flux_jax.data): `{chosen,rejected}_{input_ids,loss_mask,
+segment_ids,positions}` [B, T], optionally `ref_{chosen,rejected}_logps` [B].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from flux_jax import dpo, logprobs
+from flux_jax.grad_accum import accumulate_gradients, split_microbatches
+from flux_jax.models.qwen.model import QwenForCausalLM
+from flux_jax.sharding import batch_sharding
+
+PyTree = Any
+SEQUENCE_FIELDS = ("input_ids", "loss_mask", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSettings:
+    """The loss settings a step needs; static under jit."""
+
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    sft_coef: float = 0.0
+    kl_coef: float = 0.0
+    logprob_chunk_size: int | None = 512
+    grad_accum_steps: int = 1
+
+
+def init_train_state(params: PyTree, tx: optax.GradientTransformation) -> dict[str, Any]:
+    """{"step", "params", "opt_state"}; the optimiser state inherits the parameters' shardings."""
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": jax.jit(tx.init)(params),
+    }
+
+
+def split_model(model: QwenForCausalLM) -> tuple[nnx.GraphDef, PyTree]:
+    """The model's static structure and its parameters as a plain nested dict of arrays."""
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def _paired_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Chosen rows then rejected rows, [2B, T], for one forward pass."""
+    return {
+        name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
+        for name in SEQUENCE_FIELDS
+    }
+
+
+def paired_token_logprobs(
+    graphdef: nnx.GraphDef, params: PyTree, batch: dict[str, jax.Array], chunk_size: int | None
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token response log-probs [2B, T] (chosen rows first) and the paired loss mask."""
+    model = nnx.merge(graphdef, params)
+    paired = _paired_inputs(batch)
+    hidden_NxTxD = model(
+        paired["input_ids"],
+        paired["positions"],
+        segment_ids_BxT=paired["segment_ids"],
+        return_hidden=True,
+    )
+    token_logps_NxT = logprobs.token_logprobs(
+        hidden_NxTxD,
+        model.lm_head_weight(),  # fp32 master copy: chunk gradients accumulate in its dtype
+        paired["input_ids"],
+        paired["loss_mask"],
+        chunk_size=chunk_size,
+        compute_dtype=model.compute_dtype,
+    )
+    return token_logps_NxT, paired["loss_mask"]
+
+
+def _halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def dpo_loss_fn(
+    params: PyTree,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    ref_params: PyTree | None,
+    settings: DPOSettings,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The DPO objective of one (micro-)batch and its metrics."""
+    chunk = settings.logprob_chunk_size
+    policy_tok_NxT, mask_NxT = paired_token_logprobs(graphdef, params, batch, chunk)
+    policy_c, policy_r = _halves(policy_tok_NxT.sum(axis=-1))
+    counts_c, counts_r = _halves(logprobs.token_counts(mask_NxT))
+
+    ref_tok_NxT = None
+    if "ref_chosen_logps" in batch:
+        ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    elif ref_params is not None:
+        ref_tok_NxT, _ = paired_token_logprobs(graphdef, ref_params, batch, chunk)
+        ref_tok_NxT = jax.lax.stop_gradient(ref_tok_NxT)
+        ref_c, ref_r = _halves(ref_tok_NxT.sum(axis=-1))
+    else:  # reference_free: TRL reports rewards as beta * policy log-probs then
+        ref_c = ref_r = jnp.zeros_like(policy_c)
+
+    return dpo.dpo_objective(
+        policy_c,
+        policy_r,
+        ref_c,
+        ref_r,
+        loss_type=settings.loss_type,
+        beta=settings.beta,
+        label_smoothing=settings.label_smoothing,
+        reference_free=settings.reference_free,
+        chosen_token_counts=counts_c,
+        rejected_token_counts=counts_r,
+        sft_coef=settings.sft_coef,
+        kl_coef=settings.kl_coef,
+        policy_token_logps=policy_tok_NxT if settings.kl_coef > 0 else None,
+        ref_token_logps=ref_tok_NxT if settings.kl_coef > 0 else None,
+        token_loss_mask=mask_NxT if settings.kl_coef > 0 else None,
+    )
+
+
+def batch_token_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Real (non-pad) tokens and scored response tokens in the batch, chosen + rejected."""
+    real = sum((batch[f"{side}_segment_ids"] > 0).sum() for side in ("chosen", "rejected"))
+    scored = sum(batch[f"{side}_loss_mask"][:, 1:].sum() for side in ("chosen", "rejected"))
+    return {"tokens": real.astype(jnp.float32), "response_tokens": scored.astype(jnp.float32)}
+
+
+def check_settings(settings: DPOSettings, has_ref_params: bool) -> None:
+    if settings.kl_coef > 0 and not has_ref_params:
+        raise ValueError(
+            "kl_coef > 0 needs per-token reference log-probs: use the reference model "
+            "(reference_free=False, no precomputed reference log-probs)"
+        )
+    if not settings.reference_free and not has_ref_params:
+        raise ValueError("reference_free=False needs ref_params or precomputed ref log-probs")
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    settings: DPOSettings,
+    *,
+    state_shardings: PyTree | None = None,
+) -> Callable[..., tuple[dict[str, Any], dict[str, jax.Array]]]:
+    """`step(state, batch, ref_params) -> (state, metrics)`, jitted, donating `state`.
+
+    `ref_params` is None for reference-free training or when the batch carries precomputed
+    reference log-probs. `state_shardings` pins the output state to the input's layout so the
+    parameters never drift to another sharding between steps.
+    """
+
+    def step(state, batch, ref_params):
+        loss_fn = lambda p, mb: dpo_loss_fn(  # noqa: E731
+            p, mb, graphdef=graphdef, ref_params=ref_params, settings=settings
+        )
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if settings.grad_accum_steps > 1:
+            micro = split_microbatches(batch, settings.grad_accum_steps)
+            grads, (_, metrics) = accumulate_gradients(
+                lambda p, mb: grad_fn(p, mb), state["params"], micro
+            )
+        else:
+            (_, metrics), grads = grad_fn(state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = jnp.asarray(schedule(state["step"]), jnp.float32)
+        metrics.update(batch_token_counts(batch))
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, metrics
+
+    out_shardings = (state_shardings, None) if state_shardings is not None else None
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, settings: DPOSettings
+) -> Callable[..., dict[str, jax.Array]]:
+    """`eval_step(params, batch, ref_params) -> metrics` (the loss and rewards, no update)."""
+
+    def eval_step(params, batch, ref_params):
+        _, metrics = dpo_loss_fn(
+            params, batch, graphdef=graphdef, ref_params=ref_params, settings=settings
+        )
+        return {**metrics, **batch_token_counts(batch)}
+
+    return jax.jit(eval_step)
+
+
+def make_ref_logps_step(
+    graphdef: nnx.GraphDef, chunk_size: int | None
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """`(ref_params, batch) -> (ref_chosen_logps [B], ref_rejected_logps [B])` for precomputing."""
+
+    def ref_step(ref_params, batch):
+        token_logps_NxT, _ = paired_token_logprobs(graphdef, ref_params, batch, chunk_size)
+        return _halves(token_logps_NxT.sum(axis=-1))
+
+    return jax.jit(ref_step)
+
+
+def shard_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, jax.Array]:
+    """Places a host batch on the mesh, its leading axis split over data x fsdp.
+
+    On a multi-host run each process passes its own slice of the global batch.
+    """
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    sharding: NamedSharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def state_shardings_of(state: PyTree) -> PyTree:
+    """The shardings of a (concrete) state, to pin a jitted step's output to them."""
+    return jax.tree.map(lambda x: x.sharding, state)
