@@ -108,6 +108,30 @@ def swiglu_mlp(mlp: Params, h_BxTxD: jax.Array, dtype: Any) -> jax.Array:
     return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ mlp["down_proj"]["kernel"].astype(dtype)
 
 
+def layer_qkv(
+    layer: Params,
+    x_BxTxD: jax.Array,
+    sin_BxTxH: jax.Array,
+    cos_BxTxH: jax.Array,
+    *,
+    eps: float,
+    dtype: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The first half of a layer, up to attention: input norm, then q, k, v with RoPE applied."""
+    h = rms_norm(x_BxTxD, layer["input_layernorm"]["scale"], eps)
+    return qkv_projections(layer["self_attn"], h, sin_BxTxH, cos_BxTxH, eps=eps, dtype=dtype)
+
+
+def layer_residual_and_mlp(
+    layer: Params, x_BxTxD: jax.Array, attn_BxTxNxH: jax.Array, *, eps: float, dtype: Any
+) -> jax.Array:
+    """The second half of a layer, from the attention output: o_proj + residual, then the MLP."""
+    out_kernel = layer["self_attn"]["o_proj"]["kernel"].astype(dtype)
+    x_BxTxD = x_BxTxD + jnp.einsum("BTNH,NHD->BTD", attn_BxTxNxH, out_kernel)
+    h = rms_norm(x_BxTxD, layer["post_attention_layernorm"]["scale"], eps)
+    return x_BxTxD + swiglu_mlp(layer["mlp"], h, dtype)
+
+
 def decoder_layer(
     layer: Params,
     x_BxTxD: jax.Array,
@@ -119,11 +143,11 @@ def decoder_layer(
     dtype: Any,
     attention_impl: str | None,
 ) -> jax.Array:
-    """One pre-norm decoder layer over a full sequence (training and prefill)."""
-    h = rms_norm(x_BxTxD, layer["input_layernorm"]["scale"], eps)
-    q, k, v = qkv_projections(layer["self_attn"], h, sin_BxTxH, cos_BxTxH, eps=eps, dtype=dtype)
+    """One pre-norm decoder layer over a full sequence (training and prefill).
+
+    Split in two halves around `attention_core` so that the KV-cache decoder
+    (flux_jax.generation) can write k and v into its cache and attend over the cache instead.
+    """
+    q, k, v = layer_qkv(layer, x_BxTxD, sin_BxTxH, cos_BxTxH, eps=eps, dtype=dtype)
     attn_BxTxNxH = attention_core(q, k, v, mask_Bx1xTxT, attention_impl)
-    out_kernel = layer["self_attn"]["o_proj"]["kernel"].astype(dtype)
-    x_BxTxD = x_BxTxD + jnp.einsum("BTNH,NHD->BTD", attn_BxTxNxH, out_kernel)
-    h = rms_norm(x_BxTxD, layer["post_attention_layernorm"]["scale"], eps)
-    return x_BxTxD + swiglu_mlp(layer["mlp"], h, dtype)
+    return layer_residual_and_mlp(layer, x_BxTxD, attn_BxTxNxH, eps=eps, dtype=dtype)

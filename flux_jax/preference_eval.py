@@ -1,0 +1,241 @@
+"""Preference metrics of a policy on held-out pairs: reward accuracy, margin, rewards, DPO loss.
+
+Every pair of the file counts exactly once. Pairs are scored in fixed-size batches with the DPO
+step's own function (`train_step.paired_token_logprobs`, jitted); the last partial batch is filled
+with copies of its last pair so it has the same shape, and the copies are dropped on the host.
+The summed log-probs of all pairs are then passed to `dpo.dpo_loss` in one call, so the metrics
+are means over all pairs: the same numbers as one batch holding the whole set.
+
+    metrics = evaluate_preferences(policy, ref, tokenizer, "heldout.jsonl", data_format=...,
+                                   max_length=1024, max_prompt_length=512, batch_size=8,
+                                   loss_type="sigmoid", beta=0.1, label_smoothing=0.0,
+                                   reference_free=False)
+    print(format_eval_table(metrics))
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from transformers import PreTrainedTokenizerBase
+
+from flux_jax import dpo, logprobs, train_step
+from flux_jax.data import (
+    BATCH_KEYS,
+    collate_pairs,
+    default_bucket_lengths,
+    load_preference_examples,
+)
+from flux_jax.data.pipeline import pad_token_id
+from flux_jax.data.tokenization import PreferenceExample
+from flux_jax.models.qwen.model import QwenForCausalLM
+
+# In the order the table shows them; dpo_loss's metrics plus the pair count.
+EVAL_METRICS = (
+    "loss",
+    "reward_accuracy",
+    "reward_margin",
+    "chosen_reward",
+    "rejected_reward",
+    "chosen_logps",
+    "rejected_logps",
+)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def pair_logps(
+    graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array], chunk_size: int | None
+) -> dict[str, jax.Array]:
+    """Summed response log-probs and response token counts [B] of each side of each pair."""
+    token_logps_NxT, mask_NxT = train_step.paired_token_logprobs(
+        graphdef, params, batch, chunk_size
+    )
+    batch_size = token_logps_NxT.shape[0] // 2
+    logps_N = token_logps_NxT.sum(axis=-1)
+    counts_N = logprobs.token_counts(mask_NxT)
+    return {
+        "chosen_logps": logps_N[:batch_size],
+        "rejected_logps": logps_N[batch_size:],
+        "chosen_counts": counts_N[:batch_size],
+        "rejected_counts": counts_N[batch_size:],
+    }
+
+
+def _score_all(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    batches: list[tuple[dict[str, np.ndarray], int]],
+    chunk_size: int | None,
+    mesh: Mesh | None,
+) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch, real in batches:
+        out = jax.device_get(
+            pair_logps(graphdef, params, train_step.shard_batch(batch, mesh), chunk_size)
+        )
+        for name, value in out.items():
+            parts.setdefault(name, []).append(np.asarray(value)[:real])
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def evaluate_examples(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    ref_params: Any | None,
+    examples: Sequence[PreferenceExample],
+    *,
+    pad_id: int,
+    bucket_lengths: Sequence[int],
+    batch_size: int,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    logprob_chunk_size: int | None = train_step.DPOSettings.logprob_chunk_size,
+    mesh: Mesh | None = None,
+) -> dict[str, float]:
+    """DPO metrics of `params` against `ref_params` over already tokenised pairs.
+
+    The trainer's periodic eval calls this with examples it loaded once. `ref_params` may be None
+    with `reference_free=True`, or when every example carries precomputed `ref_logps`.
+    Returns floats keyed by `EVAL_METRICS` and `num_pairs`.
+    """
+    precomputed = all(e.ref_logps is not None for e in examples)
+    if ref_params is None and not reference_free and not precomputed:
+        raise ValueError("reference_free=False needs a reference model")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if mesh is not None and batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(
+            f"batch_size={batch_size} does not divide over the mesh's data x fsdp = "
+            f"{mesh.shape['data'] * mesh.shape['fsdp']} devices"
+        )
+    if not examples:
+        raise ValueError("no preference pairs to evaluate")
+    batches = []
+    for begin in range(0, len(examples), batch_size):
+        chunk = list(examples[begin : begin + batch_size])
+        real = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch_size - real)  # same shape; dropped after scoring
+        collated = collate_pairs(chunk, pad_id, bucket_lengths)
+        batches.append(({key: collated[key] for key in BATCH_KEYS}, real))
+
+    policy = _score_all(graphdef, params, batches, logprob_chunk_size, mesh)
+    if ref_params is not None:
+        ref = _score_all(graphdef, ref_params, batches, logprob_chunk_size, mesh)
+        ref_chosen, ref_rejected = ref["chosen_logps"], ref["rejected_logps"]
+    elif precomputed and not reference_free:
+        ref_Nx2 = np.asarray([e.ref_logps for e in examples], np.float32)
+        ref_chosen, ref_rejected = ref_Nx2[:, 0], ref_Nx2[:, 1]
+    else:
+        ref_chosen = ref_rejected = np.zeros_like(policy["chosen_logps"])
+    _, metrics = dpo.dpo_loss(
+        policy["chosen_logps"],
+        policy["rejected_logps"],
+        ref_chosen,
+        ref_rejected,
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        reference_free=reference_free,
+        chosen_token_counts=policy["chosen_counts"],
+        rejected_token_counts=policy["rejected_counts"],
+    )
+    result: dict[str, float] = {name: float(metrics[name]) for name in EVAL_METRICS}
+    result["num_pairs"] = len(examples)
+    return result
+
+
+def evaluate_preferences(
+    policy_model: QwenForCausalLM,
+    ref_model: QwenForCausalLM | None,
+    tokenizer: PreTrainedTokenizerBase,
+    data_path: str | os.PathLike,
+    *,
+    data_format: str,
+    max_length: int,
+    max_prompt_length: int,
+    batch_size: int,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    logprob_chunk_size: int | None = train_step.DPOSettings.logprob_chunk_size,
+    mesh: Mesh | None = None,
+) -> dict[str, float]:
+    """DPO metrics of `policy_model` against `ref_model` over every pair at `data_path`.
+
+    Pairs are read and truncated as for training (`load_preference_examples`). `ref_model` may be
+    None only with `reference_free=True`; the rewards are then `beta * policy log-probs`, as in
+    training. With a mesh, `batch_size` must divide over its data x fsdp devices.
+
+    Returns floats keyed by `EVAL_METRICS` (means over pairs), plus `num_pairs` and
+    `pairs_truncated`.
+    """
+    if ref_model is None and not reference_free:
+        raise ValueError("reference_free=False needs a reference model")
+    examples, stats = load_preference_examples(
+        data_path,
+        tokenizer,
+        data_format=data_format,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+    )
+    if not examples:
+        raise ValueError(f"{data_path}: no preference pairs to evaluate")
+    graphdef, params = train_step.split_model(policy_model)
+    ref_params = train_step.split_model(ref_model)[1] if ref_model is not None else None
+    result = evaluate_examples(
+        graphdef,
+        params,
+        ref_params,
+        examples,
+        pad_id=pad_token_id(tokenizer),
+        bucket_lengths=default_bucket_lengths(max_length),
+        batch_size=batch_size,
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        reference_free=reference_free,
+        logprob_chunk_size=logprob_chunk_size,
+        mesh=mesh,
+    )
+    result["pairs_truncated"] = stats.pairs_truncated
+    return result
+
+
+def format_eval_table(metrics: dict[str, Any]) -> str:
+    """A two-column text table: the known metrics in a fixed order, then any others."""
+    names = [n for n in EVAL_METRICS if n in metrics]
+    names += sorted(n for n in metrics if n not in EVAL_METRICS)
+    width = max([len("metric"), *(len(n) for n in names)])
+
+    def show(value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            return str(value)
+        if isinstance(value, int | np.integer):
+            return str(value)
+        return f"{value:.4f}"
+
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
+    lines += [f"{name:<{width}}  {show(metrics[name])}" for name in names]
+    return "\n".join(lines)
+
+
+def write_eval_json(path: str | os.PathLike, metrics: dict[str, Any], **context: Any) -> str:
+    """Writes `{**context, "metrics": metrics}` (e.g. checkpoint=..., data=...) as JSON."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        json.dump({**context, "metrics": metrics}, f, indent=2)
+        f.write("\n")
+    return os.fspath(out)
