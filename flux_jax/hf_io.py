@@ -168,6 +168,25 @@ def _read_block(
     return np.asarray(block).astype(dtype)
 
 
+def _block_reader(
+    ckpt: SafetensorsCheckpoint, entry: table.WeightEntry, shape: tuple[int, ...], dtype: Any
+) -> Any:
+    """The make_array_from_callback callback for one parameter, reading each distinct block once.
+
+    JAX calls it once per addressable device; devices holding replicas of one block (the data
+    axis, a dimension too small to split) share a single read and a single host copy.
+    """
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
+        if key not in blocks:
+            blocks[key] = _read_block(ckpt, entry, index, shape, dtype)
+        return blocks[key]
+
+    return read
+
+
 def load_pretrained(
     path: str | os.PathLike,
     *,
@@ -195,6 +214,7 @@ def load_pretrained(
         compute_dtype=as_dtype(compute_dtype or dtype),
         remat=remat,
         attention_impl=attention_impl,
+        activation_sharding=sharding_lib.batch_sharding(mesh) if mesh is not None else None,
         abstract=True,
     )
     graphdef, state = nnx.split(abstract)
@@ -210,13 +230,12 @@ def load_pretrained(
         if mesh is not None:
             axes = var.get_metadata()["logical_axes"]
             target = NamedSharding(mesh, sharding_lib.logical_to_spec(axes, shape, mesh))
-        else:
-            target = SingleDeviceSharding(jax.devices()[0])
+        else:  # this process's first device: jax.devices()[0] may belong to another process
+            target = SingleDeviceSharding(jax.local_devices()[0])
+        # Called only for this process's devices: a host reads just the blocks it holds.
         var.set_value(
             jax.make_array_from_callback(
-                shape,
-                target,
-                lambda index, e=entry, s=shape: _read_block(ckpt, e, index, s, np_dtype),
+                shape, target, _block_reader(ckpt, entry, shape, np_dtype), dtype=np_dtype
             )
         )
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

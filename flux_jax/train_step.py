@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from flux_jax import dpo, logprobs
 from flux_jax.grad_accum import accumulate_gradients, split_microbatches
 from flux_jax.models.qwen.model import QwenForCausalLM
-from flux_jax.sharding import batch_sharding
+from flux_jax.sharding import batch_sharding, opt_state_shardings, replicated_like
 
 PyTree = Any
 SEQUENCE_FIELDS = ("input_ids", "loss_mask", "segment_ids", "positions")
@@ -47,10 +47,14 @@ class DPOSettings:
 
 def init_train_state(params: PyTree, tx: optax.GradientTransformation) -> dict[str, Any]:
     """{"step", "params", "opt_state"}; the optimiser state inherits the parameters' shardings."""
+    opt_shardings = opt_state_shardings(tx, params)  # None unless params lie on a mesh
+    step = jnp.zeros((), jnp.int32)
+    if opt_shardings is not None:
+        step = jax.device_put(step, replicated_like(params))
     return {
-        "step": jnp.zeros((), jnp.int32),
+        "step": step,
         "params": params,
-        "opt_state": jax.jit(tx.init)(params),
+        "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
     }
 
 

@@ -121,6 +121,9 @@ class QwenForCausalLM(nnx.Module):
       compute_dtype: dtype of activations and matmuls; parameters are cast to it at use.
       remat: "none", "full" or "dots": rematerialisation policy applied to each layer.
       attention_impl: "xla", "cudnn" or None (JAX chooses), for jax.nn.dot_product_attention.
+      activation_sharding: where the [B, T, D] hidden states live between layers, e.g.
+        `sharding.batch_sharding(mesh)` (batch over data x fsdp). None leaves it to GSPMD, which
+        under FSDP may gather the whole batch onto every device instead of gathering the weights.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class QwenForCausalLM(nnx.Module):
         compute_dtype: Any = jnp.float32,
         remat: str = "none",
         attention_impl: str | None = "xla",
+        activation_sharding: jax.sharding.Sharding | None = None,
         rngs: nnx.Rngs,
     ):
         if remat not in REMAT_POLICIES:
@@ -139,6 +143,7 @@ class QwenForCausalLM(nnx.Module):
         self.compute_dtype = compute_dtype
         self.remat = remat
         self.attention_impl = attention_impl
+        self.activation_sharding = activation_sharding
         self.embed_tokens = Embedding(
             config.vocab_size, config.hidden_size, dtype=param_dtype, rngs=rngs
         )
@@ -191,6 +196,7 @@ class QwenForCausalLM(nnx.Module):
         x_BxTxD = jnp.take(self.embed_tokens.embedding.get_value(), input_ids_BxT, axis=0).astype(
             dtype
         )
+        x_BxTxD = self._constrain(x_BxTxD)
         sin, cos = qwen_layers.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, dtype)
         mask = qwen_layers.causal_segment_mask(segment_ids_BxT)
 
@@ -205,6 +211,7 @@ class QwenForCausalLM(nnx.Module):
                 dtype=dtype,
                 attention_impl=self.attention_impl,
             )
+            x = self._constrain(x)
             return x, (x if return_layer_outputs else None)
 
         policy = REMAT_POLICIES[self.remat]
@@ -224,6 +231,15 @@ class QwenForCausalLM(nnx.Module):
             )
         return (out, layer_outputs_LxBxTxD) if return_layer_outputs else out
 
+    def _constrain(self, x_BxTxD: jax.Array) -> jax.Array:
+        if self.activation_sharding is None:
+            return x_BxTxD
+        try:
+            self.activation_sharding.shard_shape(x_BxTxD.shape)
+        except ValueError:  # a batch that does not divide over the devices: leave it to GSPMD
+            return x_BxTxD
+        return jax.lax.with_sharding_constraint(x_BxTxD, self.activation_sharding)
+
 
 def build_model(
     config: QwenConfig,
@@ -233,6 +249,7 @@ def build_model(
     compute_dtype: Any = jnp.float32,
     remat: str = "none",
     attention_impl: str | None = "xla",
+    activation_sharding: jax.sharding.Sharding | None = None,
     abstract: bool = False,
 ) -> QwenForCausalLM:
     """A random model, or (abstract=True) one whose parameters are ShapeDtypeStructs."""
@@ -244,6 +261,7 @@ def build_model(
             compute_dtype=compute_dtype,
             remat=remat,
             attention_impl=attention_impl,
+            activation_sharding=activation_sharding,
             rngs=nnx.Rngs(seed),
         )
 

@@ -1,0 +1,371 @@
+"""Per-device memory of a DPO run, before anything is allocated: will it fit, and on what mesh.
+
+`memory_plan` adds up, per device:
+
+  params       each parameter's local block under `sharding.logical_to_spec` (the same function
+               that places the real arrays, so this number is exact, not an estimate);
+  gradients    the same blocks in the parameter dtype, plus an fp32 accumulator of them when
+               grad_accum_steps > 1 (`grad_accum.accumulate_gradients`);
+  optimizer    AdamW's mu and nu, each like its parameter (optax keeps them in the parameter dtype,
+               so fp32 master weights give 2 x 4 bytes per local parameter);
+  reference    the frozen reference weights in the compute dtype (what the trainer keeps), sharded
+               like the parameters; 0 for precomputed reference log-probs or reference_free;
+  activations  an estimate, below.
+
+Activations, per device (c = bytes of the compute dtype; t = the tensor axis size, dividing the
+head and MLP widths when they divide; D hidden, N/K query/kv heads, H head_dim, F MLP width, L
+layers, V vocab, T = max_length):
+
+  rows   = 2 x micro_batch / (data x fsdp)       chosen + rejected rows of one micro-batch
+  saved  = L x rows x T x s                      residuals kept for the backward pass, where s is
+           remat "full": D x c                     (only each layer's input: the scan carry)
+           remat "dots": (2D + (N+2K)H + 2F) x c   (input, q/k/v, o_proj, gate and up outputs)
+           remat "none": (8D + (N+2K)H + 4NH + 3KH + 4F + 2NT) x c + NT
+                                                   (norms' intermediates, q/k norm and RoPE
+                                                   outputs, attention logits and probabilities,
+                                                   the boolean mask, the MLP's elementwise terms)
+  layer  = rows x T x s_none                     one layer's backward working set (the layer
+                                                 recomputed under remat, or its gradient
+                                                 temporaries)
+  gather = 2 x one layer's weights / t x c       FSDP all-gathers a layer's weights before use
+                                                 (XLA may overlap the next layer's gather)
+  head   = 2 x rows x chunk x V/t x 4            chunked LM-head logits and their gradient (fp32),
+           + D x V/t x (c + 4)                   the gathered head and its fp32 gradient carry
+  other  = rows x T x D x (c + 4) + rows x T x T the embedding output, final norm and the mask
+
+  activations = saved + layer + gather + head + other
+
+The residual lists come from `print_saved_residuals` on one decoder layer; on CPU (fp32, remat
+none/dots/full) the estimate came within 3-10% of XLA's compiled temp memory, low rather than
+high (XLA keeps a few more buffers alive). bf16 runs keep their norm and softmax temporaries in
+fp32, so they use somewhat more than the c = 2 figures say.
+
+The reference forward runs under stop_gradient and saves nothing, so it adds at most one layer's
+working set while the policy's residuals are not yet live; it is not counted separately. The
+estimate ignores XLA's scratch buffers and fragmentation: `fits` keeps 10% of the device free for
+them (`USABLE_FRACTION`). On GPU also set XLA_PYTHON_CLIENT_MEM_FRACTION=0.95, since JAX
+preallocates 75% of the memory by default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh
+
+from flux_jax.models.qwen.config import QwenConfig
+from flux_jax.models.qwen.model import build_model
+from flux_jax.models.qwen.presets import resolve_architecture
+from flux_jax.sharding import MESH_AXES, format_bytes, logical_to_spec, resolve_mesh_shape
+
+GIB = 1 << 30
+USABLE_FRACTION = 0.9
+REFERENCE_MODES = ("model", "precomputed", "none")
+
+# Nominal memory per chip (HBM), in GiB as the vendors quote it.
+KNOWN_DEVICES: dict[str, tuple[str, float]] = {
+    "v4": ("TPU v4", 32),
+    "v5e": ("TPU v5e", 16),
+    "v5p": ("TPU v5p", 95),
+    "v6e": ("TPU v6e (Trillium)", 32),
+    "a100-40gb": ("NVIDIA A100 40GB", 40),
+    "a100-80gb": ("NVIDIA A100 80GB", 80),
+    "h100": ("NVIDIA H100 80GB", 80),
+    "h200": ("NVIDIA H200", 141),
+}
+_ALIASES = {"a100": "a100-80gb", "a100-40": "a100-40gb", "a100-80": "a100-80gb", "v5litepod": "v5e"}
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def device_memory(device: str) -> tuple[str, int]:
+    """(description, bytes) of a KNOWN_DEVICES name: "h100", "v5e", "TPU v5p", "A100-40GB", ..."""
+    key = device.strip().lower().replace(" ", "-").removeprefix("tpu-").removeprefix("nvidia-")
+    key = _ALIASES.get(key, key)
+    if key not in KNOWN_DEVICES:
+        raise ValueError(f"unknown device {device!r}; known: {', '.join(KNOWN_DEVICES)}")
+    name, gib = KNOWN_DEVICES[key]
+    return name, int(gib * GIB)
+
+
+def _dtype_bytes(dtype: Any) -> int:
+    if isinstance(dtype, str) and dtype in _DTYPE_BYTES:
+        return _DTYPE_BYTES[dtype]
+    return np.dtype(dtype).itemsize
+
+
+def _split(size: int, ways: int) -> float:
+    """A width divided over a mesh axis, or whole when it does not divide (as logical_to_spec)."""
+    return size / ways if size % ways == 0 else size
+
+
+def param_blocks(cfg: QwenConfig, mesh_shape: tuple[int, int, int]) -> dict[str, dict[str, Any]]:
+    """Every parameter's global shape, logical axes and per-device element count on this mesh."""
+    mesh = AbstractMesh(mesh_shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    abstract = build_model(cfg, abstract=True)
+    blocks = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        shape = tuple(var.get_value().shape)
+        axes = var.get_metadata()["logical_axes"]
+        spec = logical_to_spec(axes, shape, mesh)
+        local = math.prod(
+            n // mesh.shape[a] if a is not None else n for n, a in zip(shape, spec, strict=True)
+        )
+        blocks["/".join(map(str, path))] = {
+            "shape": shape,
+            "axes": tuple(axes),
+            "spec": tuple(spec),
+            "local_elements": local,
+        }
+    return blocks
+
+
+def memory_plan(
+    qwen_config: QwenConfig,
+    *,
+    mesh_shape: tuple[int, int, int],
+    batch_size: int,
+    grad_accum_steps: int = 1,
+    max_length: int,
+    param_dtype: Any = "float32",
+    compute_dtype: Any = "float32",
+    remat: str = "none",
+    logprob_chunk_size: int | None = 512,
+    reference: str = "model",
+) -> dict[str, Any]:
+    """Per-device bytes of params, gradients, optimiser state, reference and activations.
+
+    Args:
+      qwen_config: the architecture.
+      mesh_shape: (data, fsdp, tensor) sizes (no -1: resolve it first).
+      batch_size, grad_accum_steps: preference pairs per optimiser step (global) and micro-batches.
+      max_length: padded sequence length T.
+      param_dtype, compute_dtype: "float32" / "bfloat16" (or numpy dtypes).
+      remat: "none", "full" or "dots".
+      logprob_chunk_size: LM-head chunk (positions); None or 0 = unchunked logits.
+      reference: "model" (frozen copy on device), "precomputed" or "none" (reference-free).
+
+    Returns:
+      A dict with "per_device" (bytes: params, gradients, optimizer, reference, activations,
+      total), "activation_terms" (the estimate's parts), "model", "mesh", "batch", "settings"
+      and "warnings". The formulas are in the module docstring.
+    """
+    if reference not in REFERENCE_MODES:
+        raise ValueError(f"reference={reference!r}; valid: {', '.join(REFERENCE_MODES)}")
+    if remat not in ("none", "full", "dots"):
+        raise ValueError(f"remat={remat!r}; valid: none, full, dots")
+    data, fsdp, tensor = (int(x) for x in mesh_shape)
+    if min(data, fsdp, tensor) < 1:
+        raise ValueError(f"mesh_shape {mesh_shape}: sizes must be >= 1 (resolve -1 first)")
+    pb, cb = _dtype_bytes(param_dtype), _dtype_bytes(compute_dtype)
+    warnings: list[str] = []
+
+    blocks = param_blocks(qwen_config, (data, fsdp, tensor))
+    local_params = sum(b["local_elements"] for b in blocks.values())
+    total_params = sum(math.prod(b["shape"]) for b in blocks.values())
+    unsplit = [
+        f"{path} {b['shape']}"
+        for path, b in blocks.items()
+        if math.prod(b["shape"]) > 1 << 20
+        and b["local_elements"] * fsdp * tensor > 1.5 * math.prod(b["shape"])
+    ]
+    if unsplit:
+        warnings.append(
+            "large parameters not split over fsdp x tensor (a dimension does not divide): "
+            + ", ".join(unsplit)
+        )
+
+    params = local_params * pb
+    gradients = local_params * pb + (local_params * 4 if grad_accum_steps > 1 else 0)
+    optimizer = 2 * local_params * pb
+    ref = local_params * cb if reference == "model" else 0
+
+    if batch_size % grad_accum_steps:
+        raise ValueError(f"batch_size {batch_size} not divisible by grad_accum {grad_accum_steps}")
+    micro = batch_size // grad_accum_steps
+    batch_devices = data * fsdp
+    rows = 2 * micro / batch_devices
+    if (2 * micro) % batch_devices or micro % batch_devices:
+        warnings.append(
+            f"the micro-batch of {micro} pairs does not split evenly over data x fsdp = "
+            f"{batch_devices} devices (shard_batch needs batch_size / grad_accum_steps to be a "
+            "multiple of it)"
+        )
+        rows = math.ceil(2 * micro / batch_devices)
+    terms = activation_terms(
+        qwen_config,
+        rows=rows,
+        seq_len=max_length,
+        tensor=tensor,
+        compute_bytes=cb,
+        remat=remat,
+        chunk=logprob_chunk_size or None,
+        fsdp=fsdp,
+    )
+    activations = sum(terms.values())
+    per_device = {
+        "params": params,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "reference": ref,
+        "activations": activations,
+    }
+    per_device["total"] = sum(per_device.values())
+    return {
+        "model": {
+            "model_type": qwen_config.model_type,
+            "num_params": total_params,
+            "layers": qwen_config.num_hidden_layers,
+            "hidden_size": qwen_config.hidden_size,
+            "vocab_size": qwen_config.vocab_size,
+            "tied_embeddings": qwen_config.tie_word_embeddings,
+        },
+        "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor, "devices": data * fsdp * tensor},
+        "batch": {
+            "batch_size": batch_size,
+            "grad_accum_steps": grad_accum_steps,
+            "micro_batch": micro,
+            "rows_per_device": rows,
+            "max_length": max_length,
+        },
+        "settings": {
+            "param_dtype": str(np.dtype(param_dtype))
+            if not isinstance(param_dtype, str)
+            else param_dtype,
+            "compute_dtype": str(np.dtype(compute_dtype))
+            if not isinstance(compute_dtype, str)
+            else compute_dtype,
+            "remat": remat,
+            "logprob_chunk_size": logprob_chunk_size or None,
+            "reference": reference,
+        },
+        "per_device": per_device,
+        "activation_terms": terms,
+        "warnings": warnings,
+    }
+
+
+def activation_terms(
+    cfg: QwenConfig,
+    *,
+    rows: float,
+    seq_len: int,
+    tensor: int,
+    compute_bytes: int,
+    remat: str,
+    chunk: int | None,
+    fsdp: int = 1,
+) -> dict[str, float]:
+    """The activation estimate's parts, in bytes per device (see the module docstring)."""
+    c, t, T = compute_bytes, tensor, seq_len
+    D, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    N, K, H, F = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+    )
+    q, kv = _split(N, t) * H, _split(K, t) * H
+    qkv, mlp, heads = q + 2 * kv, _split(F, t), _split(N, t)
+    # Bytes per token of one layer (see the module docstring); the mask is 1 byte per entry.
+    per_token_none = (8 * D + qkv + 4 * q + 3 * kv + 4 * mlp + 2 * heads * T) * c + heads * T
+    per_token_saved = {
+        "full": D * c,
+        "dots": (2 * D + qkv + 2 * mlp) * c,
+        "none": per_token_none,
+    }[remat]
+    tokens = rows * T
+    layer_weights = D * qkv + q * D + 3 * D * mlp  # one layer's matmul weights, after tensor split
+    head_v = _split(V, t)
+    positions = T if chunk is None else min(chunk, T)
+    terms = {
+        "saved_residuals": L * tokens * per_token_saved,
+        "layer_working_set": tokens * per_token_none,
+        "gathered_weights": (2 * layer_weights * c) if fsdp > 1 else 0.0,
+        "lm_head": 2 * rows * positions * head_v * 4 + D * head_v * (c + 4),
+        "other": tokens * D * (c + 4) + rows * T * T,
+    }
+    return terms
+
+
+def plan_from_config(flux_config: Any, num_devices: int | None = None) -> dict[str, Any]:
+    """`memory_plan` for a FluxConfig: its model_path's architecture, mesh, batch and dtypes.
+
+    `num_devices` defaults to this machine's device count (all processes); pass the target's
+    count to plan a bigger machine from a laptop. model_path may be a local HF directory,
+    "builtin:NAME" or a released model's hub id (planned from presets, without a download).
+    """
+    cfg = resolve_architecture(flux_config.model_path)
+    n = jax.device_count() if num_devices is None else int(num_devices)
+    m = flux_config.mesh
+    mesh_shape = resolve_mesh_shape(m.data, m.fsdp, m.tensor, n)
+    algo = flux_config.algorithm
+    if algo.reference_free:
+        reference = "none"
+    elif algo.precompute_ref_logps:
+        reference = "precomputed"
+    else:
+        reference = "model"
+    plan = memory_plan(
+        cfg,
+        mesh_shape=mesh_shape,
+        batch_size=flux_config.batch_size,
+        grad_accum_steps=flux_config.grad_accum_steps,
+        max_length=flux_config.data.max_length,
+        param_dtype=flux_config.model.param_dtype,
+        compute_dtype=flux_config.model.compute_dtype,
+        remat=flux_config.model.remat,
+        logprob_chunk_size=flux_config.model.logprob_chunk_size or None,
+        reference=reference,
+    )
+    plan["model"]["model_path"] = flux_config.model_path
+    return plan
+
+
+def fits(plan: dict[str, Any], device_memory_bytes: float) -> bool:
+    """Whether the plan's total leaves USABLE_FRACTION of the device's memory unused by it."""
+    return plan["per_device"]["total"] <= USABLE_FRACTION * device_memory_bytes
+
+
+def format_memory_plan(
+    plan: dict[str, Any], device_memory_gb: float | None = None, *, device: str | None = None
+) -> str:
+    """The plan as a table, with a fits verdict for `device` (a KNOWN_DEVICES name) or for
+    `device_memory_gb` GiB per device."""
+    m, b, s, per = plan["model"], plan["batch"], plan["settings"], plan["per_device"]
+    mesh = plan["mesh"]
+    lines = [
+        f"model: {m.get('model_path', m['model_type'])} ({m['num_params'] / 1e9:.3f}B params, "
+        f"{m['layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}"
+        f"{', tied' if m['tied_embeddings'] else ''})",
+        f"mesh: data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']} "
+        f"({mesh['devices']} devices)",
+        f"batch: {b['batch_size']} pairs/step, {b['grad_accum_steps']} micro-batch(es) of "
+        f"{b['micro_batch']}; {b['rows_per_device']:g} rows x {b['max_length']} tokens per device",
+        f"dtypes: params {s['param_dtype']}, compute {s['compute_dtype']}; remat {s['remat']}; "
+        f"logprob chunk {s['logprob_chunk_size']}; reference {s['reference']}",
+        "per device:",
+    ]
+    for key in ("params", "gradients", "optimizer", "reference", "activations"):
+        lines.append(f"  {key:<12} {format_bytes(per[key]):>12}")
+    for key, value in plan["activation_terms"].items():
+        lines.append(f"    {key:<22} {format_bytes(value):>12}")
+    lines.append(f"  {'total':<12} {format_bytes(per['total']):>12}")
+    memory = None
+    if device is not None:
+        name, memory = device_memory(device)
+    elif device_memory_gb is not None:
+        name, memory = f"{device_memory_gb:g} GiB device", device_memory_gb * GIB
+    if memory is not None:
+        verdict = "fits" if fits(plan, memory) else "does NOT fit"
+        lines.append(
+            f"{name}: {format_bytes(memory)} per device -> {verdict} "
+            f"({per['total'] / memory:.0%} of memory; limit {USABLE_FRACTION:.0%})"
+        )
+    for warning in plan["warnings"]:
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
