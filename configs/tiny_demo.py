@@ -19,31 +19,12 @@ Expect: about a minute on 2 CPU cores, most of it compilation: 200 optimiser ste
 """
 
 from flux_jax.config import FluxConfig
+from flux_jax.demo import demo_config
 
 
 def get_config() -> FluxConfig:
-    """Tiny built-in model on the demo pairs: 200 steps of 8 pairs at lr 1e-3, float32, CPU."""
-    config = FluxConfig.default()
-    config.model_path = "builtin:tiny-qwen3"
-    config.output_dir = "./outputs/tiny_demo"
+    """Tiny built-in model on the demo pairs: 200 steps of 8 pairs at lr 1e-3, float32, CPU.
 
-    config.num_steps = 200
-    config.batch_size = 8
-    config.learning_rate = 1e-3
-
-    config.algorithm.name = "dpo"
-    config.algorithm.beta = 0.1
-
-    config.checkpoint.save_steps = 100
-    config.checkpoint.max_to_keep = 2
-
-    config.data.max_length = 128
-    config.data.max_prompt_length = 64
-
-    config.model.param_dtype = "float32"
-    config.model.compute_dtype = "float32"
-    config.model.remat = "none"
-
-    config.eval.every_steps = 50
-    config.logging.every_steps = 10
-    return config
+    The embedded default (`flux-jax train` with no --config) runs exactly this config.
+    """
+    return demo_config()

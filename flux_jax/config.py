@@ -101,10 +101,13 @@ _SCHEMA: dict[str, Any] = {
         "async_save": _Key(True, "true = write checkpoints in the background while training"),
     },
     "data": {
+        "train_path": _Key("", "training pairs: .jsonl, .jsonl.gz, dir or glob; '' = bundled demo"),
+        "eval_path": _Key("", "held-out pairs for eval and best-checkpoint choice; '' = none"),
         "format": _Key(
             "preferences",
-            "preferences ({prompt, chosen, rejected} strings) or conversational (chat messages)",
-            ("preferences", "conversational"),
+            "preferences ({prompt, chosen, rejected} strings), conversational (chat messages) "
+            "or implicit_prompt (chosen/rejected only; the shared start is the prompt)",
+            ("preferences", "conversational", "implicit_prompt"),
         ),
         "max_length": _Key(1024, "maximum tokens per sequence (prompt + response)"),
         "max_prompt_length": _Key(512, "maximum prompt tokens; must be < max_length"),

@@ -150,9 +150,15 @@ def test_finite_epochs_drop_only_the_last_partial_batch(data_path, tokenizer):
     assert len(list(iterator)) == (2 * NUM_RECORDS) // 5
 
 
-def test_too_little_data_for_one_batch_is_an_error(data_path, tokenizer):
+def test_too_little_data_for_one_batch(data_path, tokenizer, caplog):
+    # A finite run cannot fill one batch: an error.
     with pytest.raises(ValueError, match="only 24 pairs for this process, fewer than one batch"):
-        make_iterator(data_path, tokenizer, batch_size=25)
+        make_iterator(data_path, tokenizer, batch_size=25, num_epochs=1)
+    # Repeating forever (the trainer counts steps), batches repeat pairs, with a warning: the
+    # tutorial trains batch_size 8 on its two example pairs.
+    iterator, _ = make_iterator(data_path, tokenizer, batch_size=25)
+    assert next(iterator)["chosen_input_ids"].shape[0] == 25
+    assert "batches will repeat pairs" in caplog.text
 
 
 def test_demo_data_loads_without_truncation_at_64(tokenizer):

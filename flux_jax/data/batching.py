@@ -8,6 +8,8 @@ The batch contract, for B pairs padded on the right to one bucket length T:
     chosen_segment_ids   int32 [B, T]  1 on real tokens, 0 on padding
     chosen_positions     int32 [B, T]  0 .. len - 1 on real tokens, 0 on padding
     rejected_*           the same four for the rejected completion
+    ref_chosen_logps     float32 [B]   only when every pair carries precomputed reference
+    ref_rejected_logps   float32 [B]   log-probs (PreferenceExample.ref_logps)
 
 Chosen and rejected share T: the smallest bucket length >= the longest sequence of the batch, on
 either side. Only a few bucket lengths exist, so jit compiles only a few shapes. The pad id is
@@ -75,6 +77,9 @@ def collate_pairs(
         completions = [getattr(e, f"{side}_ids") for e in examples]
         arrays = pad_side([e.prompt_ids for e in examples], completions, pad_id, width)
         batch.update({f"{side}_{name}": array for name, array in arrays.items()})
+    if all(e.ref_logps is not None for e in examples):
+        ref_Bx2 = np.asarray([e.ref_logps for e in examples], dtype=np.float32)
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_Bx2[:, 0], ref_Bx2[:, 1]
     return batch
 
 

@@ -17,6 +17,7 @@ The iterator is grain's own `DatasetIterator`: `get_state()` / `set_state()` res
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from flux_jax.data.batching import check_bucket_lengths, collate_pairs, default_
 from flux_jax.data.loading import load_preference_examples
 from flux_jax.data.stats import DataStats
 from flux_jax.data.tokenization import PreferenceExample
+
+log = logging.getLogger(__name__)
 
 
 def make_preference_iterator(
@@ -89,9 +92,18 @@ def preference_batches(
     """The batch dataset of the module docstring, before the iterator stage."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not examples:
+        raise ValueError("no preference pairs to batch (every record was dropped or skipped)")
     if len(examples) < batch_size:
-        raise ValueError(
-            f"only {len(examples)} pairs for this process, fewer than one batch of {batch_size}"
+        if num_epochs is not None:
+            raise ValueError(
+                f"only {len(examples)} pairs for this process, fewer than one batch of {batch_size}"
+            )
+        # Repetition runs before batching, so a batch then holds some pairs more than once.
+        log.warning(
+            "only %d pairs for this process, fewer than one batch of %d: batches will repeat pairs",
+            len(examples),
+            batch_size,
         )
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")

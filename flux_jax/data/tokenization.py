@@ -51,6 +51,8 @@ class PreferenceExample:
     rejected_ids: np.ndarray
     source: str
     line: int
+    # (chosen, rejected) summed reference log-probs, when precomputed before training.
+    ref_logps: tuple[float, float] | None = None
 
     @property
     def longest_sequence(self) -> int:

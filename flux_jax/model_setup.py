@@ -1,0 +1,153 @@
+"""From a config's model_path to a tokenizer and a policy model placed on the mesh.
+
+`model_path` is a local HF model directory, a Hugging Face hub id such as "Qwen/Qwen3-8B"
+(downloaded once through huggingface_hub's cache: safetensors, config and tokenizer files only), or
+"builtin:NAME" for a randomly initialised preset shape (the tiny demo model, benchmark shapes),
+whose parameters are created directly on their shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from flux_jax.hf_io import as_dtype, load_pretrained
+from flux_jax.models.qwen.model import QwenForCausalLM, build_model
+from flux_jax.models.qwen.presets import PRESETS
+from flux_jax.sharding import batch_sharding, logical_to_spec
+
+BUILTIN_PREFIX = "builtin:"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How to build the model: the `model` section of FluxConfig, as plain values."""
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "xla"
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelOptions:
+        return cls(
+            param_dtype=config.model.param_dtype,
+            compute_dtype=config.model.compute_dtype,
+            remat=config.model.remat,
+            attention=config.model.attention,
+            seed=config.seed,
+        )
+
+    @property
+    def attention_impl(self) -> str | None:
+        return None if self.attention == "auto" else self.attention
+
+
+def is_builtin(model_path: str) -> bool:
+    return model_path.startswith(BUILTIN_PREFIX)
+
+
+def resolve_model_dir(model_path: str) -> str:
+    """A local directory holding the HF checkpoint named by model_path (a dir or a hub id)."""
+    if os.path.isdir(model_path):
+        return model_path
+    if os.path.exists(model_path):
+        raise NotADirectoryError(f"model_path {model_path!r} is a file; expected a model directory")
+    if model_path.count("/") != 1 or model_path.startswith((".", "/")):
+        raise FileNotFoundError(
+            f"model_path {model_path!r}: no such directory, and not a hub id like 'Qwen/Qwen3-8B'"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_path, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # offline, gated, or a typo: say which model and why
+        raise FileNotFoundError(
+            f"model_path {model_path!r} is not a local directory and could not be fetched from the "
+            f"Hugging Face hub ({type(e).__name__}: {e}). Download it elsewhere and pass its "
+            "directory."
+        ) from e
+
+
+def load_tokenizer(model_path: str, tokenizer_path: str = "") -> PreTrainedTokenizerBase:
+    source = tokenizer_path or model_path
+    if is_builtin(source):
+        from flux_jax.tiny_tokenizer import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    return AutoTokenizer.from_pretrained(resolve_model_dir(source))
+
+
+def _builtin_preset(model_path: str):
+    name = model_path[len(BUILTIN_PREFIX) :]
+    if name not in PRESETS:
+        raise ValueError(
+            f"model_path {model_path!r}: unknown builtin model; available: "
+            + ", ".join(f"builtin:{n}" for n in sorted(PRESETS))
+        )
+    return PRESETS[name]
+
+
+def param_shardings(model: QwenForCausalLM, mesh: Mesh) -> dict:
+    """A pure dict (same tree as the parameters) of NamedShardings from the logical axes."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    shardings = {
+        path: NamedSharding(
+            mesh, logical_to_spec(var.get_metadata()["logical_axes"], var.get_value().shape, mesh)
+        )
+        for path, var in flat
+    }
+    return _unflatten(shardings)
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def load_model(
+    model_path: str, options: ModelOptions, mesh: Mesh | None
+) -> QwenForCausalLM:
+    """The policy model, its parameters on their shardings over `mesh` (if given)."""
+    param_dtype = as_dtype(options.param_dtype)
+    compute_dtype = as_dtype(options.compute_dtype)
+    if not is_builtin(model_path):
+        return load_pretrained(
+            resolve_model_dir(model_path),
+            dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            mesh=mesh,
+            remat=options.remat,
+            attention_impl=options.attention_impl,
+        )
+
+    def make() -> QwenForCausalLM:
+        return build_model(
+            _builtin_preset(model_path),
+            seed=options.seed,
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            remat=options.remat,
+            attention_impl=options.attention_impl,
+            activation_sharding=batch_sharding(mesh) if mesh is not None else None,
+        )
+
+    abstract = nnx.eval_shape(make)
+    graphdef, _ = nnx.split(abstract)
+    shardings = param_shardings(abstract, mesh) if mesh is not None else None
+    # Initialise inside jit with output shardings: each device creates only its own slice.
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=shardings)()
+    return nnx.merge(graphdef, params)
