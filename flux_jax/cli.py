@@ -103,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress at INFO; libraries (absl/orbax, jax) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flux_jax").setLevel(logging.INFO)
     overrides, argv = _split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     if overrides and args.command not in ("train", "demo", "plan"):

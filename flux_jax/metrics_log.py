@@ -66,8 +66,7 @@ class MetricsLog:
         if step % self.every_steps and step != self.num_steps:
             return
         self._write(step, "train", metrics)
-        if self._bar is None:
-            self.stream.write(f"step {step}/{self.num_steps}: {format_metrics(metrics)}\n")
+        self.message(f"step {step}/{self.num_steps}: {format_metrics(metrics)}")
 
     def eval_step(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
