@@ -132,6 +132,7 @@ def token_logprobs(
     *,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     compute_dtype: DTypeLike = jnp.float32,
+    source_index_BxT: jax.Array | None = None,
 ) -> jax.Array:
     """Per-token fp32 log-probs of `input_ids`, aligned with `input_ids`, zero where not scored.
 
@@ -141,11 +142,15 @@ def token_logprobs(
         fp32 master weight, not a bf16 copy: its gradient is summed over chunks in this dtype.
       input_ids_BxT: token ids; `input_ids[:, t]` is scored from `hidden[:, t - 1]`.
       loss_mask_BxT: 1 (or True) where `input_ids[:, t]` is a response token to score. Column 0 is
-        ignored (nothing predicts the first token).
+        ignored (nothing predicts the first token) unless `source_index_BxT` is given.
       chunk_size: sequence positions per head application. `None` applies the head to the whole
         sequence at once (the unchunked reference path; O(B x T x V) memory). A chunk larger than
         the sequence is clamped to it. T - 1 need not be a multiple of it: positions are padded.
       compute_dtype: dtype the hidden states and head are cast to for the matmul.
+      source_index_BxT: optional int [B, T]: token t is scored from `hidden[:, source_index[t]]`
+        instead of `hidden[:, t - 1]`. Shared-prefix rows need it: the first rejected token is
+        predicted by the last prompt token, not by the token before it in the row. The loss mask
+        is then taken as is, column 0 included.
 
     Returns:
       logps_BxT: float32, `logps[b, t] = log p(input_ids[b, t] | input_ids[b, :t])` where
@@ -159,48 +164,82 @@ def token_logprobs(
         )
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive or None, got {chunk_size}")
+    if source_index_BxT is not None:
+        if source_index_BxT.shape != (batch, seq_len):
+            raise ValueError(
+                f"source_index {source_index_BxT.shape} must be [B, T] = {batch, seq_len}"
+            )
+        # Gather the predicting hidden state of every token; the gather's transpose is a
+        # scatter-add, so a hidden state that predicts two tokens (the last prompt token predicts
+        # the first chosen and the first rejected token) gets both gradients.
+        source_BxTxD = jnp.take_along_axis(
+            hidden_BxTxD, source_index_BxT.astype(jnp.int32)[:, :, None], axis=1
+        )
+        return _aligned_token_logprobs(
+            source_BxTxD,
+            lm_head_DxV,
+            input_ids_BxT,
+            loss_mask_BxT.astype(bool),
+            chunk_size=chunk_size,
+            compute_dtype=compute_dtype,
+        )
 
     # Shift once: position s of these predicts token s + 1.
-    hidden_BxSxD = hidden_BxTxD[:, :-1]
-    targets_BxS = input_ids_BxT[:, 1:]
-    mask_BxS = loss_mask_BxT[:, 1:].astype(bool)
-    num_pos = seq_len - 1
+    logps_BxS = _aligned_token_logprobs(
+        hidden_BxTxD[:, :-1],
+        lm_head_DxV,
+        input_ids_BxT[:, 1:],
+        loss_mask_BxT[:, 1:].astype(bool),
+        chunk_size=chunk_size,
+        compute_dtype=compute_dtype,
+    )
+    # Re-align with input_ids: column 0 (never scored) is 0.
+    return jnp.pad(logps_BxS, ((0, 0), (1, 0)))
+
+
+def _aligned_token_logprobs(
+    hidden_BxSxD: jax.Array,
+    lm_head_DxV: jax.Array,
+    targets_BxS: jax.Array,
+    mask_BxS: jax.Array,
+    *,
+    chunk_size: int | None,
+    compute_dtype: DTypeLike,
+) -> jax.Array:
+    """Masked log p(targets[:, s] | hidden[:, s]) [B, S], the head applied chunk by chunk."""
+    batch, num_pos, _ = hidden_BxSxD.shape
     # The head goes into the scan uncast: its gradient is accumulated across chunks in the head's
     # own dtype, which should be the fp32 master weight's, not bf16. (XLA hoists the
     # loop-invariant cast to compute_dtype out of the loop anyway.)
-
     if chunk_size is None or num_pos == 0:
-        logps_BxS = _chunk_token_logprobs(
+        return _chunk_token_logprobs(
             hidden_BxSxD, lm_head_DxV, targets_BxS, mask_BxS, compute_dtype
         )
-    else:
-        chunk = min(chunk_size, num_pos)
-        num_chunks = -(-num_pos // chunk)
-        pad = num_chunks * chunk - num_pos
-        # Padded positions get hidden 0, target 0 and mask 0: finite logits, zero contribution.
-        hidden_BxPxD = jnp.pad(hidden_BxSxD, ((0, 0), (0, pad), (0, 0)))
-        targets_BxP = jnp.pad(targets_BxS, ((0, 0), (0, pad)))
-        mask_BxP = jnp.pad(mask_BxS, ((0, 0), (0, pad)))
 
-        def to_chunks(x_BxP: jax.Array) -> jax.Array:
-            x_BxNxC = x_BxP.reshape(batch, num_chunks, chunk, *x_BxP.shape[2:])
-            return jnp.swapaxes(x_BxNxC, 0, 1)  # scan walks the leading (chunk) axis
+    chunk = min(chunk_size, num_pos)
+    num_chunks = -(-num_pos // chunk)
+    pad = num_chunks * chunk - num_pos
+    # Padded positions get hidden 0, target 0 and mask 0: finite logits, zero contribution.
+    hidden_BxPxD = jnp.pad(hidden_BxSxD, ((0, 0), (0, pad), (0, 0)))
+    targets_BxP = jnp.pad(targets_BxS, ((0, 0), (0, pad)))
+    mask_BxP = jnp.pad(mask_BxS, ((0, 0), (0, pad)))
 
-        # No jax.checkpoint needed: the custom VJP's residuals are the chunk's inputs and its [B, C]
-        # log-normaliser, so the scan stacks nothing of size V.
-        def body(carry: None, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[None, jax.Array]:
-            hidden_BxCxD, targets_BxC, mask_BxC = xs
-            return carry, _chunk_token_logprobs(
-                hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, compute_dtype
-            )
+    def to_chunks(x_BxP: jax.Array) -> jax.Array:
+        x_BxNxC = x_BxP.reshape(batch, num_chunks, chunk, *x_BxP.shape[2:])
+        return jnp.swapaxes(x_BxNxC, 0, 1)  # scan walks the leading (chunk) axis
 
-        _, logps_NxBxC = jax.lax.scan(
-            body, None, (to_chunks(hidden_BxPxD), to_chunks(targets_BxP), to_chunks(mask_BxP))
+    # No jax.checkpoint needed: the custom VJP's residuals are the chunk's inputs and its [B, C]
+    # log-normaliser, so the scan stacks nothing of size V.
+    def body(carry: None, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[None, jax.Array]:
+        hidden_BxCxD, targets_BxC, mask_BxC = xs
+        return carry, _chunk_token_logprobs(
+            hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, compute_dtype
         )
-        logps_BxS = jnp.swapaxes(logps_NxBxC, 0, 1).reshape(batch, num_chunks * chunk)[:, :num_pos]
 
-    # Re-align with input_ids: column 0 (never scored) is 0.
-    return jnp.pad(logps_BxS, ((0, 0), (1, 0)))
+    _, logps_NxBxC = jax.lax.scan(
+        body, None, (to_chunks(hidden_BxPxD), to_chunks(targets_BxP), to_chunks(mask_BxP))
+    )
+    return jnp.swapaxes(logps_NxBxC, 0, 1).reshape(batch, num_chunks * chunk)[:, :num_pos]
 
 
 def sequence_logprobs(

@@ -7,7 +7,9 @@ micro-batches inside the step, then optax updates the fp32 master weights. The s
 parameters and optimiser state are updated in place on the device.
 
 Batches are dicts of arrays (see flux_jax.data): `{chosen,rejected}_{input_ids,loss_mask,
-segment_ids,positions}` [B, T], optionally `ref_{chosen,rejected}_logps` [B].
+segment_ids,positions}` [B, T], optionally `ref_{chosen,rejected}_logps` [B]; or the shared-prefix
+/ packed layout of flux_jax.data.packing (recognised by its `branch_ids`): R rows holding S pairs
+each, per-pair values [R, S], which the step flattens to [B = R * S] before the loss.
 """
 
 from __future__ import annotations
@@ -95,9 +97,83 @@ def paired_token_logprobs(
     return token_logps_NxT, paired["loss_mask"]
 
 
-def _halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    half = x.shape[0] // 2
-    return x[:half], x[half:]
+def is_shared_prefix(batch: dict[str, jax.Array]) -> bool:
+    """Whether `batch` is in the shared-prefix / packed layout (flux_jax.data.packing)."""
+    return "branch_ids" in batch
+
+
+def shared_prefix_token_logprobs(
+    graphdef: nnx.GraphDef, params: PyTree, batch: dict[str, jax.Array], chunk_size: int | None
+) -> jax.Array:
+    """Per-token response log-probs [R, T] of shared-prefix / packed rows.
+
+    One pass over `prompt | chosen | rejected` rows with the branch mask; every scored token is
+    predicted from the hidden state at its `source_index` (the last prompt token for the first
+    rejected token), so each log-prob equals the standard layout's.
+    """
+    model = nnx.merge(graphdef, params)
+    hidden_RxTxD = model(
+        batch["input_ids"],
+        batch["positions"],
+        segment_ids_BxT=batch["segment_ids"],
+        branch_ids_BxT=batch["branch_ids"],
+        return_hidden=True,
+    )
+    return logprobs.token_logprobs(
+        hidden_RxTxD,
+        model.lm_head_weight(),
+        batch["input_ids"],
+        batch["loss_mask"],
+        chunk_size=chunk_size,
+        compute_dtype=model.compute_dtype,
+        source_index_BxT=batch["source_index"],
+    )
+
+
+def _token_logprobs(
+    graphdef: nnx.GraphDef, params: PyTree, batch: dict[str, jax.Array], chunk_size: int | None
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token log-probs and their loss mask, [2B, T] or [R, T] depending on the layout."""
+    if is_shared_prefix(batch):
+        return shared_prefix_token_logprobs(graphdef, params, batch, chunk_size), batch["loss_mask"]
+    return paired_token_logprobs(graphdef, params, batch, chunk_size)
+
+
+def _pair_sums(values_NxT: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Per-pair sums [B] of a per-token value over the chosen and over the rejected response.
+
+    Packed rows are reduced per row into their S pair slots (segment id - 1), then flattened to
+    [R * S] in `pair_order`'s slot order. A masked sum, not a one-hot matmul: TPUs would run an fp32
+    matmul at bf16 precision by default.
+    """
+    if not is_shared_prefix(batch):
+        half = values_NxT.shape[0] // 2
+        sums_N = values_NxT.sum(axis=-1)
+        return sums_N[:half], sums_N[half:]
+    slots = batch["pair_order"].shape[1]
+    slot_ids_1x1xS = jnp.arange(1, slots + 1, dtype=jnp.int32)[None, None, :]
+    in_slot_RxTxS = batch["segment_ids"][:, :, None] == slot_ids_1x1xS
+    scored_RxT = batch["loss_mask"].astype(bool)
+    zero = jnp.zeros((), values_NxT.dtype)
+
+    def side(branch: int) -> jax.Array:
+        keep_RxTxS = in_slot_RxTxS & (scored_RxT & (batch["branch_ids"] == branch))[:, :, None]
+        values_RxTxS = jnp.broadcast_to(values_NxT[:, :, None], keep_RxTxS.shape)
+        return jnp.where(keep_RxTxS, values_RxTxS, zero).sum(axis=1).reshape(-1)
+
+    return side(1), side(2)
+
+
+def _pair_counts(mask_NxT: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Scored response tokens per pair [B], chosen and rejected."""
+    if not is_shared_prefix(batch):
+        mask_NxT = mask_NxT.at[:, 0].set(0)  # column 0 is never scored in the standard layout
+    return _pair_sums(mask_NxT.astype(jnp.int32), batch)
+
+
+def _precomputed_ref(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    # [B], or [R, S] in the packed layout: flattened in the same slot order as _pair_sums.
+    return batch["ref_chosen_logps"].reshape(-1), batch["ref_rejected_logps"].reshape(-1)
 
 
 def dpo_loss_fn(
@@ -110,17 +186,18 @@ def dpo_loss_fn(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The DPO objective of one (micro-)batch and its metrics."""
     chunk = settings.logprob_chunk_size
-    policy_tok_NxT, mask_NxT = paired_token_logprobs(graphdef, params, batch, chunk)
-    policy_c, policy_r = _halves(policy_tok_NxT.sum(axis=-1))
-    counts_c, counts_r = _halves(logprobs.token_counts(mask_NxT))
+    # N rows: 2B (chosen rows, then rejected rows) or R shared-prefix / packed rows.
+    policy_tok_NxT, mask_NxT = _token_logprobs(graphdef, params, batch, chunk)
+    policy_c, policy_r = _pair_sums(policy_tok_NxT, batch)
+    counts_c, counts_r = _pair_counts(mask_NxT, batch)
 
     ref_tok_NxT = None
     if "ref_chosen_logps" in batch:
-        ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        ref_c, ref_r = _precomputed_ref(batch)
     elif ref_params is not None:
-        ref_tok_NxT, _ = paired_token_logprobs(graphdef, ref_params, batch, chunk)
+        ref_tok_NxT, _ = _token_logprobs(graphdef, ref_params, batch, chunk)
         ref_tok_NxT = jax.lax.stop_gradient(ref_tok_NxT)
-        ref_c, ref_r = _halves(ref_tok_NxT.sum(axis=-1))
+        ref_c, ref_r = _pair_sums(ref_tok_NxT, batch)
     else:  # reference_free: TRL reports rewards as beta * policy log-probs then
         ref_c = ref_r = jnp.zeros_like(policy_c)
 
@@ -144,7 +221,14 @@ def dpo_loss_fn(
 
 
 def batch_token_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Real (non-pad) tokens and scored response tokens in the batch, chosen + rejected."""
+    """Real (non-pad) tokens and scored response tokens in the batch, chosen + rejected.
+
+    In the shared-prefix layout a prompt is one copy, so `tokens` counts what is computed.
+    """
+    if is_shared_prefix(batch):
+        real = (batch["segment_ids"] > 0).sum()
+        scored = batch["loss_mask"].sum()
+        return {"tokens": real.astype(jnp.float32), "response_tokens": scored.astype(jnp.float32)}
     real = sum((batch[f"{side}_segment_ids"] > 0).sum() for side in ("chosen", "rejected"))
     scored = sum(batch[f"{side}_loss_mask"][:, 1:].sum() for side in ("chosen", "rejected"))
     return {"tokens": real.astype(jnp.float32), "response_tokens": scored.astype(jnp.float32)}
@@ -217,11 +301,14 @@ def make_eval_step(
 def make_ref_logps_step(
     graphdef: nnx.GraphDef, chunk_size: int | None
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """`(ref_params, batch) -> (ref_chosen_logps [B], ref_rejected_logps [B])` for precomputing."""
+    """`(ref_params, batch) -> (ref_chosen_logps [B], ref_rejected_logps [B])` for precomputing.
+
+    For a shared-prefix / packed batch the pairs come in `pair_order`'s slot order.
+    """
 
     def ref_step(ref_params, batch):
-        token_logps_NxT, _ = paired_token_logprobs(graphdef, ref_params, batch, chunk_size)
-        return _halves(token_logps_NxT.sum(axis=-1))
+        token_logps_NxT, _ = _token_logprobs(graphdef, ref_params, batch, chunk_size)
+        return _pair_sums(token_logps_NxT, batch)
 
     return jax.jit(ref_step)
 

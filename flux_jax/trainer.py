@@ -12,6 +12,7 @@ Metrics reach callbacks one step late, so the host never blocks the device on a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -29,8 +30,8 @@ from flux_jax import checkpoint as ckpt_lib
 from flux_jax import optim, ref_logps
 from flux_jax import train_step as ts
 from flux_jax.config import FluxConfig
-from flux_jax.data import load_preference_examples
-from flux_jax.data.batching import check_bucket_lengths, default_bucket_lengths
+from flux_jax.data import load_preference_examples, packing
+from flux_jax.data.batching import check_bucket_lengths, collate_pairs, default_bucket_lengths
 from flux_jax.data.pipeline import pad_token_id, preference_batches
 from flux_jax.distributed import initialize_distributed, is_main_process
 from flux_jax.metrics_log import MetricsLog, summarise
@@ -129,8 +130,8 @@ class FluxTrainer:
         """
         cfg = self.config
         train_path = prompts or cfg.data.train_path or DEMO_TRAIN
-        eval_path = eval_prompts or cfg.data.eval_path or (
-            DEMO_EVAL if train_path == DEMO_TRAIN else None
+        eval_path = (
+            eval_prompts or cfg.data.eval_path or (DEMO_EVAL if train_path == DEMO_TRAIN else None)
         )
         data_format = data_format or cfg.data.format
         run = _Run(self, train_path, eval_path, data_format)
@@ -158,8 +159,10 @@ class FluxTrainer:
         from flux_jax.hf_io import save_pretrained
 
         model = nnx.merge(self.graphdef, self.params)
-        source = None if is_builtin(self.config.model_path) else resolve_model_dir(
-            self.config.tokenizer_path or self.config.model_path
+        source = (
+            None
+            if is_builtin(self.config.model_path)
+            else resolve_model_dir(self.config.tokenizer_path or self.config.model_path)
         )
         out = save_pretrained(model, out_dir, tokenizer_from=source, dtype=dtype)
         if source is None and is_main_process():
@@ -285,8 +288,8 @@ class _Run:
 
     def _with_ref_logps(self, examples, data_path: str):
         t, cfg = self.t, self.cfg
-        model_source = cfg.model_path if is_builtin(cfg.model_path) else resolve_model_dir(
-            cfg.model_path
+        model_source = (
+            cfg.model_path if is_builtin(cfg.model_path) else resolve_model_dir(cfg.model_path)
         )
         settings = {
             "format": self.data_format,
@@ -330,11 +333,40 @@ class _Run:
             num_epochs=None,
             pad_id=pad_token_id(self.t.tokenizer),
             bucket_lengths=self.t.bucket_lengths,
+            collate=self._collate(examples),
         )
         options = grain.ReadOptions(
             num_threads=cfg.data.num_threads, prefetch_buffer_size=cfg.data.prefetch
         )
         return iter(dataset.to_iter_dataset(options))
+
+    def _collate(self, examples):
+        """The training batch layout: standard, or shared-prefix / packed (data.packing).
+
+        Packing puts about max_length tokens of pairs (on average) in a row, as many pairs as
+        keep the rows splitting into grad_accum_steps micro-batches over the data x fsdp devices.
+        Longer rows would cost more than they save: the attention mask is dense, so its work
+        grows with the row length. Eval and reference precomputation keep the standard layout.
+        """
+        cfg = self.cfg
+        if not (cfg.model.prefix_sharing or cfg.model.packing):
+            return collate_pairs
+        pairs_per_row = 1
+        if cfg.model.packing:
+            share = cfg.model.prefix_sharing
+            mean_pair = np.mean([packing.pair_length(e, share_prefix=share) for e in examples])
+            pairs_per_row = packing.max_pairs_per_row(
+                cfg.batch_size // jax.process_count(),
+                cfg.batch_size,
+                cfg.grad_accum_steps * self.t._batch_multiple(),
+                limit=max(1, int(cfg.data.max_length // mean_pair)),
+            )
+            log.info("packing %d pairs per row", pairs_per_row)
+        return functools.partial(
+            packing.collate_shared_prefix,
+            pairs_per_row=pairs_per_row,
+            share_prefix=cfg.model.prefix_sharing,
+        )
 
     def _optimizer(self):
         cfg, opt = self.cfg, self.cfg.optimizer

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grain
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from flux_jax.data.batching import check_bucket_lengths, collate_pairs, default_bucket_lengths
@@ -88,8 +89,13 @@ def preference_batches(
     num_epochs: int | None,
     pad_id: int,
     bucket_lengths: Sequence[int],
+    collate: Callable[..., dict[str, np.ndarray]] = collate_pairs,
 ) -> grain.MapDataset:
-    """The batch dataset of the module docstring, before the iterator stage."""
+    """The batch dataset of the module docstring, before the iterator stage.
+
+    `collate(examples, pad_id=..., bucket_lengths=...)` makes each batch: `collate_pairs` (the
+    standard layout) or a partial of `flux_jax.data.packing.collate_shared_prefix`.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not examples:
@@ -107,12 +113,12 @@ def preference_batches(
         )
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
-    collate = functools.partial(collate_pairs, pad_id=pad_id, bucket_lengths=tuple(bucket_lengths))
+    batch_fn = functools.partial(collate, pad_id=pad_id, bucket_lengths=tuple(bucket_lengths))
     return (
         grain.MapDataset.source(list(examples))
         .shuffle(seed=seed)
         .repeat(num_epochs, reseed_each_epoch=True)
-        .batch(batch_size, drop_remainder=True, batch_fn=collate)
+        .batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
     )
 
 

@@ -56,6 +56,21 @@ def causal_segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
     return (same_segment_BxTxT & causal_TxT[None])[:, None]
 
 
+def branch_segment_mask(segment_ids_BxT: jax.Array, branch_ids_BxT: jax.Array) -> jax.Array:
+    """[B, 1, T, T] boolean mask for shared-prefix rows: `causal_segment_mask`, and a query of
+    branch b may only see keys of branch 0 (the shared prompt) or of branch b itself.
+
+    Branch ids: 0 = prompt (or an ordinary sequence), 1 = chosen, 2 = rejected. So the chosen and
+    the rejected response both attend to their pair's prompt but never to each other, and prompt
+    tokens see only the prompt. Padding has segment 0 and branch 0, so it still attends to earlier
+    padding and no softmax row is empty.
+    """
+    branch_q_BxTx1 = branch_ids_BxT[:, :, None]
+    branch_k_Bx1xT = branch_ids_BxT[:, None, :]
+    visible_BxTxT = (branch_k_Bx1xT == 0) | (branch_k_Bx1xT == branch_q_BxTx1)
+    return causal_segment_mask(segment_ids_BxT) & visible_BxTxT[:, None]
+
+
 def attention_core(
     q_BxTxNxH: jax.Array,
     k_BxSxKxH: jax.Array,

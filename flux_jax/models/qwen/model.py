@@ -170,6 +170,7 @@ class QwenForCausalLM(nnx.Module):
         *,
         segment_ids_BxT: jax.Array | None = None,
         attention_mask_BxT: jax.Array | None = None,
+        branch_ids_BxT: jax.Array | None = None,
         return_hidden: bool = False,
         return_layer_outputs: bool = False,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -178,6 +179,10 @@ class QwenForCausalLM(nnx.Module):
         Attention is causal within segments: pass `segment_ids_BxT` (0 = padding; packed rows use
         1, 2, ...) or an HF-style `attention_mask_BxT` (1 = token, 0 = padding). Positions default
         to 0..T-1; packed rows must pass positions that restart per segment.
+        `branch_ids_BxT` (0 = prompt, 1 = chosen, 2 = rejected; with `segment_ids_BxT`) selects the
+        shared-prefix mask (`layers.branch_segment_mask`): both responses of a pair attend to its
+        prompt, never to each other. Positions must then restart at the prompt length for the
+        rejected branch (see flux_jax.data.packing).
         `return_layer_outputs` also returns every layer's output [L, B, T, D] (for parity checks).
         """
         cfg = self.config
@@ -198,7 +203,10 @@ class QwenForCausalLM(nnx.Module):
         )
         x_BxTxD = self._constrain(x_BxTxD)
         sin, cos = qwen_layers.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, dtype)
-        mask = qwen_layers.causal_segment_mask(segment_ids_BxT)
+        if branch_ids_BxT is None:
+            mask = qwen_layers.causal_segment_mask(segment_ids_BxT)
+        else:
+            mask = qwen_layers.branch_segment_mask(segment_ids_BxT, branch_ids_BxT)
 
         def layer_step(x, layer_params):
             x = qwen_layers.decoder_layer(
