@@ -1,8 +1,8 @@
 """flux_jax: DPO fine-tuning of Qwen models in JAX/Flax NNX, with Hugging Face import and export.
 
-    from flux_jax import FluxConfig, FluxTrainer
-    trainer = FluxTrainer(FluxConfig.from_yaml("dpo-config.yaml"))
-    result = trainer.fit(prompts="preferences.jsonl", data_format="preferences")
+from flux_jax import FluxConfig, FluxTrainer
+trainer = FluxTrainer(FluxConfig.from_yaml("dpo-config.yaml"))
+result = trainer.fit(prompts="preferences.jsonl", data_format="preferences")
 """
 
 from typing import Any

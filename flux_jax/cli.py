@@ -1,13 +1,13 @@
 """The `flux-jax` command: thin argument parsing over importable functions.
 
-    flux-jax train [--config FILE.py|FILE.yaml] [--config.algorithm.beta=0.2 ...] [--data F]
-    flux-jax demo                                   (= train with no config: the embedded default)
-    flux-jax eval --checkpoint DIR --data FILE [--json OUT]
-    flux-jax data check FILE --tokenizer DIR [--format F] [--max-length N] [--max-prompt-length N]
-    flux-jax export --checkpoint OUTPUT_DIR/best --out HF_DIR [--dtype bfloat16]
-    flux-jax generate --checkpoint DIR (--prompt TEXT ... | --prompts FILE) [--compare-base]
-    flux-jax plan --config FILE [--device h100] [--devices N]
-    flux-jax plot OUTPUT_DIR
+flux-jax train [--config FILE.py|FILE.yaml] [--config.algorithm.beta=0.2 ...] [--data F]
+flux-jax demo                                   (= train with no config: the embedded default)
+flux-jax eval --checkpoint DIR --data FILE [--json OUT]
+flux-jax data check FILE --tokenizer DIR [--format F] [--max-length N] [--max-prompt-length N]
+flux-jax export --checkpoint OUTPUT_DIR/best --out HF_DIR [--dtype bfloat16]
+flux-jax generate --checkpoint DIR (--prompt TEXT ... | --prompts FILE) [--compare-base]
+flux-jax plan --config FILE [--device h100] [--devices N]
+flux-jax plot OUTPUT_DIR
 """
 
 from __future__ import annotations

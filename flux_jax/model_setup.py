@@ -118,9 +118,7 @@ def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
     return tree
 
 
-def load_model(
-    model_path: str, options: ModelOptions, mesh: Mesh | None
-) -> QwenForCausalLM:
+def load_model(model_path: str, options: ModelOptions, mesh: Mesh | None) -> QwenForCausalLM:
     """The policy model, its parameters on their shardings over `mesh` (if given)."""
     param_dtype = as_dtype(options.param_dtype)
     compute_dtype = as_dtype(options.compute_dtype)

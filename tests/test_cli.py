@@ -1,4 +1,4 @@
-"""The `flux-jax` subcommands on a short demo run: export, eval, generate, data check, plan, plot."""
+"""The `flux-jax` subcommands on a short demo run: export, eval, generate, data check, plot."""
 
 from __future__ import annotations
 
@@ -57,8 +57,9 @@ def test_eval_writes_json_and_table(run_dir, tmp_path, capsys):
     from flux_jax.trainer import DEMO_EVAL
 
     out = tmp_path / "eval.json"
-    code = main(["eval", "--checkpoint", str(run_dir / "best"), "--data", DEMO_EVAL,
-                 "--json", str(out)])
+    code = main(
+        ["eval", "--checkpoint", str(run_dir / "best"), "--data", DEMO_EVAL, "--json", str(out)]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "reward_accuracy" in printed
@@ -68,8 +69,18 @@ def test_eval_writes_json_and_table(run_dir, tmp_path, capsys):
 
 
 def test_generate_with_base_comparison(run_dir, capsys):
-    code = main(["generate", "--checkpoint", str(run_dir / "best"), "--prompt", "Hello there",
-                 "--max-new-tokens", "6", "--compare-base"])
+    code = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(run_dir / "best"),
+            "--prompt",
+            "Hello there",
+            "--max-new-tokens",
+            "6",
+            "--compare-base",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "### trained" in out and "### base" in out
@@ -78,16 +89,28 @@ def test_generate_with_base_comparison(run_dir, capsys):
 def test_data_check(tmp_path, capsys):
     from flux_jax.trainer import DEMO_TRAIN
 
-    code = main(["data", "check", DEMO_TRAIN, "--tokenizer", "builtin:tiny-qwen3",
-                 "--max-length", "32", "--max-prompt-length", "16"])
+    code = main(
+        [
+            "data",
+            "check",
+            DEMO_TRAIN,
+            "--tokenizer",
+            "builtin:tiny-qwen3",
+            "--max-length",
+            "32",
+            "--max-prompt-length",
+            "16",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "300" in out and "truncat" in out
 
 
 def test_plan_reports_fit(capsys):
-    code = main(["plan", "--config", "configs/dpo_qwen3_8b.py", "--devices", "8",
-                 "--device", "h100"])
+    code = main(
+        ["plan", "--config", "configs/dpo_qwen3_8b.py", "--devices", "8", "--device", "h100"]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "params" in out and ("fits" in out or "does not fit" in out)

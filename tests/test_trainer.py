@@ -46,8 +46,18 @@ def test_callbacks_metrics_jsonl_and_tensorboard(fitted):
     trainer, result, seen = fitted
     assert [step for step, _ in seen] == list(range(1, 9))
     for _, metrics in seen:
-        for key in ("loss", "chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy",
-                    "chosen_logps", "rejected_logps", "grad_norm", "learning_rate", "tokens"):
+        for key in (
+            "loss",
+            "chosen_reward",
+            "rejected_reward",
+            "reward_margin",
+            "reward_accuracy",
+            "chosen_logps",
+            "rejected_logps",
+            "grad_norm",
+            "learning_rate",
+            "tokens",
+        ):
             assert isinstance(metrics[key], float), key
     assert seen[0][1]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert result.final_loss == seen[-1][1]["loss"]
@@ -132,8 +142,14 @@ def test_demo_command_learns(tmp_path, monkeypatch, capsys):
     from flux_jax.cli import main
 
     monkeypatch.chdir(tmp_path)
-    code = main(["demo", "--config.num_steps=60", "--config.logging.progress_bar=false",
-                 "--config.eval.every_steps=0"])
+    code = main(
+        [
+            "demo",
+            "--config.num_steps=60",
+            "--config.logging.progress_bar=false",
+            "--config.eval.every_steps=0",
+        ]
+    )
     assert code == 0
     records = [json.loads(r) for r in open(tmp_path / "outputs/tiny_demo/metrics.jsonl")]
     train = [r for r in records if r["split"] == "train"]

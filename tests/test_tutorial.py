@@ -18,7 +18,7 @@ import pytest
 
 TUTORIAL_YAML = (pathlib.Path(__file__).parent.parent / "configs" / "dpo-config.yaml").read_text()
 
-PREPARE_DPO_DATA = '''
+PREPARE_DPO_DATA = """
 import json
 
 # Preference pairs
@@ -42,9 +42,9 @@ with open("preferences.jsonl", "w") as f:
         f.write(json.dumps(p) + "\\n")
 
 print(f"Created {len(preferences)} preference pairs")
-'''
+"""
 
-TRAIN_DPO = '''
+TRAIN_DPO = """
 from flux_jax import FluxConfig, FluxTrainer
 
 # Load config
@@ -70,9 +70,9 @@ result = trainer.fit(
 
 print(f"Training complete!")
 print(f"Final loss: {result.final_loss:.4f}")
-'''
+"""
 
-EVALUATE = '''
+EVALUATE = """
 from flux_jax import FluxTrainer
 
 trainer = FluxTrainer(config)
@@ -84,7 +84,7 @@ test_prompt = "Explain machine learning."
 # Generate response
 response = trainer.generate(test_prompt)
 print(f"Trained model: {response}")
-'''
+"""
 
 
 @pytest.fixture

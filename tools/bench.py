@@ -75,6 +75,7 @@ ACCELERATOR_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("TPU v6e", 918.0),
     ("TPU v4", 275.0),
 )
+PAD_ID = 0
 EOS_ID = 2
 FIRST_WORD_ID = 3  # sampled tokens avoid the low ids (pad, bos, eos)
 
@@ -130,6 +131,30 @@ def collate(pairs: list[dict[str, np.ndarray]], length: int) -> dict[str, np.nda
     return batch
 
 
+def collate_layout(
+    pairs: list[dict[str, np.ndarray]], length: int, args: argparse.Namespace
+) -> dict[str, np.ndarray]:
+    """The standard layout, or the shared-prefix / packed layout of flux_jax.data.packing.
+
+    tokens_per_step (and so tokens/s and mfu) always count the standard layout's real tokens,
+    the work a user asks for, so layouts compare on equal terms: a layout that computes fewer
+    tokens for the same pairs shows up as a higher tokens/s.
+    """
+    if args.layout == "standard":
+        return collate(pairs, length)
+    from flux_jax.data.packing import collate_shared_prefix
+    from flux_jax.data.tokenization import PreferenceExample
+
+    examples = [
+        PreferenceExample(p["prompt"], p["chosen"], p["rejected"], source="bench", line=i)
+        for i, p in enumerate(pairs)
+    ]
+    per_row = args.pairs_per_row if args.layout == "packed" else 1
+    # One static row width (the longest possible row) so every step has the compiled shape.
+    width = per_row * (args.prompt_len + 2 * args.response_len)
+    return collate_shared_prefix(examples, PAD_ID, (width,), pairs_per_row=per_row)
+
+
 def row_lengths(pairs: list[dict[str, np.ndarray]]) -> list[int]:
     """Real tokens of every row, chosen rows first (the train step's concatenation order)."""
     return [len(p["prompt"]) + len(p[side]) for side in ("chosen", "rejected") for p in pairs]
@@ -164,6 +189,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-devices", type=int, default=0, help="fake CPU devices (mesh tests)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="override the peak")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--layout",
+        default="standard",
+        choices=["standard", "prefix", "packed"],
+        help="standard rows; prefix = prompt once per pair (prefix sharing); packed = prefix "
+        "sharing with --pairs-per-row pairs per row",
+    )
+    parser.add_argument("--pairs-per-row", type=int, default=2, help="with --layout packed")
     args = parser.parse_args(argv)
     if args.batch % args.grad_accum:
         parser.error(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}")
@@ -305,7 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sample_pairs(args.batch, args.prompt_len, args.response_len, cfg.vocab_size, args.seed + i)
         for i in range(num_steps)
     ]
-    batches = [ts.shard_batch(collate(pairs, length), mesh) for pairs in host_pairs]
+    batches = [ts.shard_batch(collate_layout(pairs, length, args), mesh) for pairs in host_pairs]
 
     ref_precompute_s = None
     if args.reference == "precomputed":
@@ -345,7 +378,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     timed_pairs = host_pairs[args.warmup :]
     real_tokens = statistics.mean(sum(row_lengths(p)) for p in timed_pairs)
-    padded_tokens = 2 * args.batch * length
+    padded_tokens = int(
+        np.prod(batches[0]["input_ids" if args.layout != "standard" else "chosen_input_ids"].shape)
+    )
+    if args.layout == "standard":
+        padded_tokens *= 2  # chosen and rejected rows
     head_chunks = flops.head_chunk_count(length, chunk)
     counts = [
         flops.dpo_step_flops(
@@ -375,6 +412,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "chunk": args.chunk,
         "head_chunks": head_chunks,
         "reference": args.reference,
+        "layout": args.layout,
+        "pairs_per_row": args.pairs_per_row if args.layout == "packed" else 1,
         "grad_accum": args.grad_accum,
         "batch_pairs": args.batch,
         "prompt_len": args.prompt_len,
