@@ -79,9 +79,8 @@ def _score_all(
 ) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {}
     for batch, real in batches:
-        out = jax.device_get(
-            pair_logps(graphdef, params, train_step.shard_batch(batch, mesh), chunk_size)
-        )
+        placed = train_step.shard_batch(batch, mesh, same_on_every_process=True)
+        out = jax.tree.map(train_step.to_host, pair_logps(graphdef, params, placed, chunk_size))
         for name, value in out.items():
             parts.setdefault(name, []).append(np.asarray(value)[:real])
     return {name: np.concatenate(values) for name, values in parts.items()}

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -313,17 +314,37 @@ def make_ref_logps_step(
     return jax.jit(ref_step)
 
 
-def shard_batch(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, jax.Array]:
+def shard_batch(
+    batch: dict[str, Any], mesh: Mesh | None, *, same_on_every_process: bool = False
+) -> dict[str, jax.Array]:
     """Places a host batch on the mesh, its leading axis split over data x fsdp.
 
-    On a multi-host run each process passes its own slice of the global batch.
+    On a multi-host run each process passes its own slice of the global batch, unless
+    `same_on_every_process` (eval: every process holds the whole batch), where each process
+    places only the rows its devices hold.
     """
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
     sharding: NamedSharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    if same_on_every_process:
+        return {
+            k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+            for k, v in batch.items()
+        }
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A device array as numpy on every process, also when other processes hold parts of it."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def state_shardings_of(state: PyTree) -> PyTree:

@@ -72,7 +72,7 @@ class FitResult:
 
 
 def _to_floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+    return {k: float(ts.to_host(v)) for k, v in metrics.items()}
 
 
 class FluxTrainer:
@@ -312,7 +312,7 @@ class _Run:
         def compute():
             return ref_logps.compute_ref_logps(
                 examples,
-                lambda host: step(t.ref_params, ts.shard_batch(host, t.mesh)),
+                lambda host: _local_rows(step(t.ref_params, ts.shard_batch(host, t.mesh)), host),
                 batch_size=local_batch,
                 pad_id=pad_token_id(t.tokenizer),
                 bucket_lengths=buckets,
@@ -332,13 +332,31 @@ class _Run:
             seed=seed,
             num_epochs=None,
             pad_id=pad_token_id(self.t.tokenizer),
-            bucket_lengths=self.t.bucket_lengths,
+            bucket_lengths=self._train_buckets(),
             collate=self._collate(examples),
         )
         options = grain.ReadOptions(
             num_threads=cfg.data.num_threads, prefetch_buffer_size=cfg.data.prefetch
         )
         return iter(dataset.to_iter_dataset(options))
+
+    def _train_buckets(self) -> tuple[int, ...]:
+        """Bucket lengths of training batches.
+
+        Every process collates its own rows, and a step's global batch needs one shape on all
+        of them: with several processes each batch is padded to the one longest possible row
+        (max_length; 2 x max_length for [prompt | chosen | rejected] rows) instead of the
+        smallest fitting bucket.
+        """
+        if jax.process_count() == 1:
+            return self.t.bucket_lengths
+        if self.cfg.model.packing:
+            raise ValueError(
+                "model.packing is single-process for now: the pairs per row depend on each "
+                "process's data, and every process must build the same batch shape"
+            )
+        longest = self.cfg.data.max_length
+        return (2 * longest,) if self.cfg.model.prefix_sharing else (longest,)
 
     def _collate(self, examples):
         """The training batch layout: standard, or shared-prefix / packed (data.packing).
@@ -422,7 +440,7 @@ class _Run:
             )
         best_dir = os.path.join(self.output_dir, "best")
         best = _BestTracker(best_dir, has_eval=eval_examples is not None)
-        start = int(jax.device_get(state["step"]))
+        start = int(ts.to_host(state["step"]))
         step_fn = ts.make_train_step(
             t.graphdef, tx, schedule, t.settings, state_shardings=ts.state_shardings_of(state)
         )
@@ -507,7 +525,7 @@ class _Run:
         final_loss = history[-1]["loss"] if history else float("nan")
         return FitResult(
             final_loss=final_loss,
-            num_steps=int(jax.device_get(state["step"])),
+            num_steps=int(ts.to_host(state["step"])),
             history=history,
             best_checkpoint=best.path if best.saved else None,
             output_dir=self.output_dir,
@@ -515,6 +533,16 @@ class _Run:
             preempted=preempted,
             resumed_from=resumed_from,
         )
+
+
+def _local_rows(outputs, host_batch) -> tuple[np.ndarray, ...]:
+    """This process's rows of per-pair outputs of a step fed with process-local batches.
+
+    make_array_from_process_local_data lays process p's rows at [p * b, (p + 1) * b).
+    """
+    rows = len(next(iter(host_batch.values())))
+    start = jax.process_index() * rows if jax.process_count() > 1 else 0
+    return tuple(ts.to_host(x)[start : start + rows] for x in outputs)
 
 
 class _BestTracker:
