@@ -255,14 +255,6 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def _to_host(array: jax.Array) -> np.ndarray:
-    if array.is_fully_addressable:
-        return np.asarray(jax.device_get(array))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 def _export_plan(cfg: QwenConfig, flat: dict) -> list[tuple[str, table.WeightEntry, int | None]]:
     """(hf_name, entry, layer) in an order that reads each stacked parameter once."""
     plan = []
@@ -278,7 +270,7 @@ def _host_tensors(flat: dict, plan, np_dtype) -> Iterator[tuple[str, np.ndarray]
     current_path, current = None, None
     for hf_name, entry, layer in plan:
         if entry.path != current_path:  # one stacked parameter on the host at a time
-            current_path, current = entry.path, _to_host(flat[entry.path].get_value())
+            current_path, current = entry.path, sharding_lib.to_host(flat[entry.path].get_value())
         ours = current[layer] if layer is not None else current
         yield hf_name, table.to_hf(entry.layout, ours).astype(np_dtype)
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from flux_jax.hf_io import as_dtype, load_pretrained
 from flux_jax.models.qwen.model import QwenForCausalLM, build_model
 from flux_jax.models.qwen.presets import PRESETS
-from flux_jax.sharding import batch_sharding, logical_to_spec
+from flux_jax.sharding import batch_sharding, state_shardings
 
 BUILTIN_PREFIX = "builtin:"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]
@@ -98,24 +98,7 @@ def _builtin_preset(model_path: str):
 
 def param_shardings(model: QwenForCausalLM, mesh: Mesh) -> dict:
     """A pure dict (same tree as the parameters) of NamedShardings from the logical axes."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    shardings = {
-        path: NamedSharding(
-            mesh, logical_to_spec(var.get_metadata()["logical_axes"], var.get_value().shape, mesh)
-        )
-        for path, var in flat
-    }
-    return _unflatten(shardings)
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
+    return nnx.to_pure_dict(state_shardings(nnx.state(model, nnx.Param), mesh))
 
 
 def load_model(model_path: str, options: ModelOptions, mesh: Mesh | None) -> QwenForCausalLM:

@@ -38,6 +38,7 @@ from flux_jax.data import (
 from flux_jax.data.pipeline import pad_token_id
 from flux_jax.data.tokenization import PreferenceExample
 from flux_jax.models.qwen.model import QwenForCausalLM
+from flux_jax.sharding import to_host
 
 # In the order the table shows them; dpo_loss's metrics plus the pair count.
 EVAL_METRICS = (
@@ -80,7 +81,7 @@ def _score_all(
     parts: dict[str, list[np.ndarray]] = {}
     for batch, real in batches:
         placed = train_step.shard_batch(batch, mesh, same_on_every_process=True)
-        out = jax.tree.map(train_step.to_host, pair_logps(graphdef, params, placed, chunk_size))
+        out = jax.tree.map(to_host, pair_logps(graphdef, params, placed, chunk_size))
         for name, value in out.items():
             parts.setdefault(name, []).append(np.asarray(value)[:real])
     return {name: np.concatenate(values) for name, values in parts.items()}

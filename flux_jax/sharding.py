@@ -125,6 +125,17 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
     return jax.tree.map(one, state, is_leaf=_is_variable)
 
 
+def to_host(x: Any) -> np.ndarray:
+    """A device array as numpy on every process, also when other processes hold parts of it."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over data x fsdp; every other axis whole."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

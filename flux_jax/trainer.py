@@ -43,7 +43,7 @@ from flux_jax.model_setup import (
     resolve_model_dir,
 )
 from flux_jax.preference_eval import evaluate_examples
-from flux_jax.sharding import check_sharding, mesh_from_config
+from flux_jax.sharding import check_sharding, mesh_from_config, to_host
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class FitResult:
 
 
 def _to_floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(ts.to_host(v)) for k, v in metrics.items()}
+    return {k: float(to_host(v)) for k, v in metrics.items()}
 
 
 class FluxTrainer:
@@ -101,8 +101,7 @@ class FluxTrainer:
         self.ref_params = None
         if not config.algorithm.reference_free:
             dtype = jnp.dtype(config.model.compute_dtype)
-            self.ref_params = jax.tree.map(lambda x: x.astype(dtype), self.params)
-            self.ref_params = jax.tree.map(jnp.copy, self.ref_params)
+            self.ref_params = jax.tree.map(lambda x: jnp.copy(x.astype(dtype)), self.params)
         self._eval_step = None
 
     # ------------------------------------------------------------------------------------------
@@ -147,10 +146,7 @@ class FluxTrainer:
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         """Loads the parameters of a checkpoint (`output_dir/best`, or a step directory)."""
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
-        )
-        self.params = ckpt_lib.load_params(path, abstract)
+        self.params = ckpt_lib.load_params(path, ckpt_lib.abstract_of(self.params))
         self.model = nnx.merge(self.graphdef, self.params)
         return ckpt_lib.read_metadata(path)
 
@@ -432,15 +428,12 @@ class _Run:
         resumed_from = None
         if cfg.checkpoint.resume and checkpointer.latest_step() is not None:
             resumed_from = checkpointer.latest_step()
-            abstract = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-            )
             state = checkpointer.restore(
-                resumed_from, abstract_state=abstract, data_iterator=iterator
+                resumed_from, abstract_state=ckpt_lib.abstract_of(state), data_iterator=iterator
             )
         best_dir = os.path.join(self.output_dir, "best")
         best = _BestTracker(best_dir, has_eval=eval_examples is not None)
-        start = int(ts.to_host(state["step"]))
+        start = int(to_host(state["step"]))
         step_fn = ts.make_train_step(
             t.graphdef, tx, schedule, t.settings, state_shardings=ts.state_shardings_of(state)
         )
@@ -525,7 +518,7 @@ class _Run:
         final_loss = history[-1]["loss"] if history else float("nan")
         return FitResult(
             final_loss=final_loss,
-            num_steps=int(ts.to_host(state["step"])),
+            num_steps=int(to_host(state["step"])),
             history=history,
             best_checkpoint=best.path if best.saved else None,
             output_dir=self.output_dir,
@@ -542,7 +535,7 @@ def _local_rows(outputs, host_batch) -> tuple[np.ndarray, ...]:
     """
     rows = len(next(iter(host_batch.values())))
     start = jax.process_index() * rows if jax.process_count() > 1 else 0
-    return tuple(ts.to_host(x)[start : start + rows] for x in outputs)
+    return tuple(to_host(x)[start : start + rows] for x in outputs)
 
 
 class _BestTracker:
