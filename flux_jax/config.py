@@ -1,6 +1,6 @@
 """FluxConfig: every setting of a flux_jax DPO run, its default, and its validation.
 
-FluxConfig is an `ml_collections.ConfigDict` with a fixed schema (`_SCHEMA` below): values read as
+FluxConfig is an `ml_collections.ConfigDict` with a fixed schema (config_schema.py): values read as
 attributes (`config.algorithm.beta`, `config.checkpoint.save_steps`), every key has a default, and
 every way of building one -- `FluxConfig()`/`default()`, `from_dict`, `from_yaml` (the tutorial's
 `dpo-config.yaml` verbatim), `from_file` (big_vision-style `get_config()` files, `path.py:arg`),
@@ -20,7 +20,6 @@ bool key, no float for an int key, no null anywhere.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib.util
 import math
@@ -32,6 +31,8 @@ from typing import Any
 
 import ml_collections
 import yaml
+
+from flux_jax.config_schema import ALGORITHMS_IMPLEMENTED, LEAVES, SCHEMA, SECTIONS, Key
 
 __all__ = ["ConfigError", "FluxConfig"]
 
@@ -50,129 +51,6 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {message}" if source else message)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Key:
-    """One leaf of the schema: its default (whose type is the key's type), meaning, and enum."""
-
-    default: Any
-    doc: str
-    choices: tuple[str, ...] = ()
-
-
-_ALGORITHMS_IMPLEMENTED = ("dpo",)
-
-# The whole schema, in the order `to_dict`/`to_yaml` write it. Each doc says what the key means
-# and its unit; the range checks live in `_range_errors`.
-_SCHEMA: dict[str, Any] = {
-    # HF model dir or hub id (config.json + *.safetensors), or "builtin:tiny-qwen3".
-    "model_path": _Key("builtin:tiny-qwen3", "model to train; builtin = tiny random Qwen3"),
-    "tokenizer_path": _Key("", "tokenizer dir or hub id; '' = same as model_path"),
-    "output_dir": _Key("./outputs/dpo", "directory for checkpoints, logs and the saved config"),
-    "seed": _Key(0, "PRNG seed for parameter init (builtin model), data order and sampling"),
-    "num_steps": _Key(1000, "number of optimiser steps to train for"),
-    "batch_size": _Key(8, "preference pairs per optimiser step, global over devices/hosts"),
-    "grad_accum_steps": _Key(1, "micro-batches per optimiser step; must divide batch_size"),
-    "learning_rate": _Key(5e-7, "peak AdamW learning rate (after warmup)"),
-    "sglang": {
-        # Accepted so the tutorial's YAML loads; DPO trains on a fixed dataset, no rollouts.
-        "base_url": _Key("", "SGLang rollout server URL; unused by DPO"),
-    },
-    "algorithm": {
-        "name": _Key("dpo", "training algorithm; only 'dpo' is implemented"),
-        "beta": _Key(0.1, "inverse temperature on the policy/reference log-ratios (unitless)"),
-        "reference_free": _Key(False, "true = no reference model (its log-probs taken as 0)"),
-        "label_smoothing": _Key(0.0, "assumed label-flip probability (cDPO/robust), [0, 0.5)"),
-        "loss_type": _Key(
-            "sigmoid",
-            "sigmoid (DPO), ipo, hinge (SLiC) or robust (rDPO)",
-            ("sigmoid", "ipo", "hinge", "robust"),
-        ),
-        "sft_coef": _Key(0.0, "weight of the NLL loss on chosen responses added to the loss"),
-        "kl_coef": _Key(0.0, "weight of a KL(policy || reference) penalty added to the loss"),
-        "precompute_ref_logps": _Key(False, "true = reference log-probs computed once, up front"),
-    },
-    "adaptive_async": {
-        "enabled": _Key(False, "async rollout/train overlap for GRPO/PPO; must be false for DPO"),
-    },
-    "checkpoint": {
-        "save_steps": _Key(200, "save a checkpoint every this many optimiser steps"),
-        "max_to_keep": _Key(3, "number of most recent checkpoints kept on disk"),
-        "resume": _Key(True, "true = resume from the latest checkpoint in output_dir if any"),
-        "async_save": _Key(True, "true = write checkpoints in the background while training"),
-    },
-    "data": {
-        "train_path": _Key("", "training pairs: .jsonl, .jsonl.gz, dir or glob; '' = bundled demo"),
-        "eval_path": _Key("", "held-out pairs for eval and best-checkpoint choice; '' = none"),
-        "format": _Key(
-            "preferences",
-            "preferences ({prompt, chosen, rejected} strings), conversational (chat messages) "
-            "or implicit_prompt (chosen/rejected only; the shared start is the prompt)",
-            ("preferences", "conversational", "implicit_prompt"),
-        ),
-        "max_length": _Key(1024, "maximum tokens per sequence (prompt + response)"),
-        "max_prompt_length": _Key(512, "maximum prompt tokens; must be < max_length"),
-        "drop_truncated": _Key(False, "true = drop pairs that need truncation, false = truncate"),
-        "on_bad_record": _Key("error", "bad JSONL record: error or skip", ("error", "skip")),
-        "bucket_lengths": _Key((), "padded lengths (tokens), last >= max_length; () = powers of 2"),
-        "num_threads": _Key(2, "data-loading threads per host"),
-        "prefetch": _Key(4, "batches prefetched ahead of the training step"),
-        "shuffle_seed": _Key(-1, "seed of the data shuffle; -1 = use seed"),
-    },
-    "model": {
-        "param_dtype": _Key("float32", "trained weights and Adam state", ("float32", "bfloat16")),
-        "compute_dtype": _Key("float32", "activations and matmuls", ("float32", "bfloat16")),
-        "remat": _Key(
-            "none", "per-layer remat: none, full, dots (keep matmuls)", ("none", "full", "dots")
-        ),
-        "attention": _Key("xla", "attention kernel", ("xla", "cudnn", "auto")),
-        "logprob_chunk_size": _Key(512, "positions per chunk of LM-head logits; 0 = unchunked"),
-        "prefix_sharing": _Key(False, "true = run the shared prompt once for chosen and rejected"),
-        "packing": _Key(False, "true = pack several pairs into one sequence row"),
-    },
-    "optimizer": {
-        "b1": _Key(0.9, "AdamW first-moment decay"),
-        "b2": _Key(0.999, "AdamW second-moment decay"),
-        "eps": _Key(1e-8, "AdamW denominator epsilon"),
-        "weight_decay": _Key(0.0, "decoupled AdamW weight decay (per step, times the LR)"),
-        "max_grad_norm": _Key(1.0, "clip the global gradient L2 norm to this; 0 = off"),
-        "schedule": _Key("constant", "LR after warmup", ("constant", "cosine", "linear")),
-        "warmup_steps": _Key(0, "optimiser steps of linear warmup from 0 to learning_rate"),
-        "min_lr_ratio": _Key(0.0, "final LR as a fraction of learning_rate (cosine, linear)"),
-    },
-    "eval": {
-        "every_steps": _Key(0, "evaluate every this many optimiser steps; 0 = only at the end"),
-        "batch_size": _Key(8, "preference pairs per eval batch, global"),
-        "max_batches": _Key(0, "eval batches per evaluation; 0 = the whole eval set"),
-    },
-    "logging": {
-        "every_steps": _Key(1, "write metrics every this many optimiser steps"),
-        "tensorboard": _Key(True, "true = write TensorBoard event files under output_dir"),
-        "progress_bar": _Key(True, "true = show a progress bar on the terminal"),
-    },
-    # Devices per mesh axis; -1 = the remaining devices. The product must equal the device
-    # count, which is only known (and checked) when the mesh is built.
-    "mesh": {
-        "data": _Key(1, "devices on the data-parallel axis"),
-        "fsdp": _Key(-1, "devices on the FSDP (sharded weights and optimiser state) axis"),
-        "tensor": _Key(1, "devices on the tensor-parallel axis"),
-    },
-    "generation": {
-        "max_new_tokens": _Key(128, "maximum tokens generated per prompt"),
-        "temperature": _Key(0.0, "sampling temperature; 0 = greedy"),
-        "top_k": _Key(0, "sample from the k most likely tokens; 0 = no top-k filter"),
-        "top_p": _Key(1.0, "nucleus sampling probability mass, (0, 1]; 1 = off"),
-        "use_chat_template": _Key(True, "true = wrap prompts in the tokenizer's chat template"),
-    },
-}
-
-_SECTIONS = tuple(k for k, v in _SCHEMA.items() if isinstance(v, dict))
-_LEAVES: dict[str, _Key] = {}
-for _name, _entry in _SCHEMA.items():
-    if isinstance(_entry, dict):
-        _LEAVES.update({f"{_name}.{k}": v for k, v in _entry.items()})
-    else:
-        _LEAVES[_name] = _entry
-
 _KIND_NAMES = {
     str: "a string",
     int: "an integer",
@@ -189,28 +67,28 @@ def _unknown_key(path: str) -> str:
     """The unknown-key message, naming the closest valid key if there is one."""
     head, dot, rest = path.partition(".")
     by_leaf: dict[str, str] = {}  # leaf name -> first full key ending in it
-    for full in _LEAVES:
+    for full in LEAVES:
         by_leaf.setdefault(full.rsplit(".", 1)[-1], full)
     leaf = path.rsplit(".", 1)[-1]
     if by_leaf.get(leaf, path) != path:  # A right key at the wrong level: `beta` -> algorithm.beta.
         match = [by_leaf[leaf]]
-    elif dot and head in _SECTIONS:  # Compare within the section: the shared `head.` prefix
-        match = difflib.get_close_matches(rest, list(_SCHEMA[head]), n=1, cutoff=0.6)
+    elif dot and head in SECTIONS:  # Compare within the section: the shared `head.` prefix
+        match = difflib.get_close_matches(rest, list(SCHEMA[head]), n=1, cutoff=0.6)
         match = [f"{head}.{m}" for m in match]  # would make any two of its keys look alike.
     else:
-        candidates = [*_LEAVES] if dot else list(_SCHEMA)
+        candidates = [*LEAVES] if dot else list(SCHEMA)
         match = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
     if not match:
         close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
         match = [by_leaf[close[0]]] if close else []
     if match:
         return f"unknown key '{path}'; did you mean '{match[0]}'?"
-    if head in _SECTIONS:
-        return f"unknown key '{path}'; valid keys in '{head}': {', '.join(_SCHEMA[head])}"
-    return f"unknown key '{path}'; valid top-level keys: {', '.join(_SCHEMA)}"
+    if head in SECTIONS:
+        return f"unknown key '{path}'; valid keys in '{head}': {', '.join(SCHEMA[head])}"
+    return f"unknown key '{path}'; valid top-level keys: {', '.join(SCHEMA)}"
 
 
-def _type_error(path: str, key: _Key, value: Any) -> ConfigError:
+def _type_error(path: str, key: Key, value: Any) -> ConfigError:
     kind = type(key.default)
     got = "null" if value is None else f"{type(value).__name__} {value!r}"
     hint = ""
@@ -219,7 +97,7 @@ def _type_error(path: str, key: _Key, value: Any) -> ConfigError:
     return ConfigError(f"{path} expects {_KIND_NAMES[kind]}, got {got}{hint}")
 
 
-def _coerce(path: str, key: _Key, value: Any) -> Any:
+def _coerce(path: str, key: Key, value: Any) -> Any:
     """`value` converted to the type of `key.default`, or ConfigError naming `path`."""
     kind = type(key.default)
     is_bool = isinstance(value, bool)
@@ -239,7 +117,7 @@ def _coerce(path: str, key: _Key, value: Any) -> Any:
     raise _type_error(path, key, value)
 
 
-def _parse_text(path: str, key: _Key, text: str) -> Any:
+def _parse_text(path: str, key: Key, text: str) -> Any:
     """A command-line value (always text) parsed by the type of the key it sets."""
     kind, stripped = type(key.default), text.strip()
     if kind is bool:
@@ -275,15 +153,15 @@ class _Section(ml_collections.ConfigDict):
     def __init__(self, name: str):
         super().__init__(type_safe=True, sort_keys=False)
         object.__setattr__(self, "_name", name)
-        for key, spec in _SCHEMA[name].items():
+        for key, spec in SCHEMA[name].items():
             ml_collections.ConfigDict.__setitem__(self, key, spec.default)
         self.lock()
 
     def __setitem__(self, key: str, value: Any) -> None:
         path = f"{self._name}.{key}"
-        if key not in _SCHEMA[self._name]:
+        if key not in SCHEMA[self._name]:
             raise ConfigError(_unknown_key(path))
-        value = _coerce(path, _SCHEMA[self._name][key], value)
+        value = _coerce(path, SCHEMA[self._name][key], value)
         ml_collections.ConfigDict.__setitem__(self, key, value)
 
     def __setattr__(self, attribute: str, value: Any) -> None:
@@ -313,7 +191,7 @@ def _restore_section(name: str, values: Mapping[str, Any]) -> _Section:
 
 
 class FluxConfig(ml_collections.ConfigDict):
-    """The configuration of a flux_jax DPO run; see the module docstring and `_SCHEMA`.
+    """The configuration of a flux_jax DPO run; see the module docstring and `SCHEMA`.
 
     `FluxConfig(values)` starts from the defaults, applies the nested mapping `values` and
     validates; `source` (a file name) prefixes every error message.
@@ -321,7 +199,7 @@ class FluxConfig(ml_collections.ConfigDict):
 
     def __init__(self, values: Mapping[str, Any] | None = None, *, source: str | None = None):
         super().__init__(type_safe=True, sort_keys=False)
-        for key, entry in _SCHEMA.items():
+        for key, entry in SCHEMA.items():
             default = _Section(key) if isinstance(entry, dict) else entry.default
             ml_collections.ConfigDict.__setitem__(self, key, default)
         self.lock()
@@ -409,13 +287,13 @@ class FluxConfig(ml_collections.ConfigDict):
             key = key.strip().removeprefix("--").removeprefix("config.")
             if not eq:
                 errors.append(f"override {item!r}: expected key=value")
-            elif key in _SECTIONS:
+            elif key in SECTIONS:
                 errors.append(f"override {item!r}: {key} is a section; set one of its keys")
-            elif key not in _LEAVES:
+            elif key not in LEAVES:
                 errors.append(f"override {item!r}: {_unknown_key(key)}")
             else:
                 try:
-                    trial[key] = _parse_text(key, _LEAVES[key], text)
+                    trial[key] = _parse_text(key, LEAVES[key], text)
                 except ConfigError as e:
                     errors.extend(f"override {item!r}: {msg}" for msg in e.errors)
         if errors:
@@ -432,7 +310,7 @@ class FluxConfig(ml_collections.ConfigDict):
 
     def _check(self, source: str | None) -> None:
         errors = []
-        for path, key in _LEAVES.items():
+        for path, key in LEAVES.items():
             try:
                 _coerce(path, key, self[path])
             except ConfigError as e:
@@ -447,7 +325,7 @@ class FluxConfig(ml_collections.ConfigDict):
         errors = []
         for key, value in values.items():
             path = f"{prefix}{key}"
-            if not prefix and path in _SECTIONS and (value is None or _is_mapping(value)):
+            if not prefix and path in SECTIONS and (value is None or _is_mapping(value)):
                 # `checkpoint:` with every line below it commented out is YAML null: no change.
                 errors += self._merge(value or {}, prefix=f"{path}.")
                 continue
@@ -459,7 +337,7 @@ class FluxConfig(ml_collections.ConfigDict):
 
     def __setitem__(self, key: str, value: Any) -> None:
         head, dot, rest = str(key).partition(".")
-        if head in _SECTIONS:
+        if head in SECTIONS:
             section = self._fields[head]
             if dot:
                 section[rest] = value
@@ -468,13 +346,13 @@ class FluxConfig(ml_collections.ConfigDict):
                     section[sub_key] = sub_value
             else:
                 raise ConfigError(
-                    f"{head} is a section: set its keys ({', '.join(_SCHEMA[head])}), "
+                    f"{head} is a section: set its keys ({', '.join(SCHEMA[head])}), "
                     f"not {type(value).__name__} {value!r}"
                 )
-        elif dot or head not in _SCHEMA:
+        elif dot or head not in SCHEMA:
             raise ConfigError(_unknown_key(str(key)))
         else:
-            ml_collections.ConfigDict.__setitem__(self, key, _coerce(key, _SCHEMA[key], value))
+            ml_collections.ConfigDict.__setitem__(self, key, _coerce(key, SCHEMA[key], value))
 
     def __setattr__(self, attribute: str, value: Any) -> None:
         self[attribute] = value
@@ -526,7 +404,7 @@ def _range_errors(c: FluxConfig) -> list[str]:
         if not ok:
             errors.append(f"{path} must be {rule}, got {c[path]!r}")
 
-    for path, key in _LEAVES.items():
+    for path, key in LEAVES.items():
         value = c[path]
         if key.choices and value not in key.choices:
             valid = ", ".join(repr(x) for x in key.choices)
@@ -535,7 +413,7 @@ def _range_errors(c: FluxConfig) -> list[str]:
             need(math.isfinite(value), path, "a finite number")
 
     a, d, o = c.algorithm, c.data, c.optimizer
-    if a.name not in _ALGORITHMS_IMPLEMENTED:
+    if a.name not in ALGORITHMS_IMPLEMENTED:
         errors.append(
             f"algorithm.name {a.name!r} is not implemented: flux_jax implements only 'dpo'"
         )
@@ -600,7 +478,7 @@ def _range_errors(c: FluxConfig) -> list[str]:
     need(c.eval.batch_size >= 1, "eval.batch_size", ">= 1")
     need(c.eval.max_batches >= 0, "eval.max_batches", ">= 0 (0 = all)")
     need(c.logging.every_steps >= 1, "logging.every_steps", ">= 1")
-    for axis in _SCHEMA["mesh"]:
+    for axis in SCHEMA["mesh"]:
         need(c.mesh[axis] >= 1 or c.mesh[axis] == -1, f"mesh.{axis}", ">= 1, or -1")
     if sum(v == -1 for v in c.mesh.to_dict().values()) > 1:
         errors.append("mesh: at most one of data, fsdp, tensor may be -1 (the remaining devices)")
