@@ -8,12 +8,29 @@ built in fp32 and cast to the compute dtype.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 Params = dict[str, Any]
+
+
+def token_matmul(x_BxTxI: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
+    """`x [B, T, *in] @ kernel [*in, *out]` as one 2-D matmul over the B * T tokens.
+
+    The same dot as a 3-D einsum, but its weight gradient then contracts one token axis instead of
+    two. XLA:CPU lays the two-axis contraction out with transposing elementwise fusions that cost
+    more than the matmuls (SwiGLU backward at [8, 256, 512] x 1536: 254 ms 3-D, 155 ms 2-D);
+    GPU and TPU compile both forms to the same GEMMs.
+    """
+    batch, seq = x_BxTxI.shape[:2]
+    in_shape = x_BxTxI.shape[2:]
+    out_shape = kernel.shape[len(in_shape) :]
+    x_MxI = x_BxTxI.reshape(batch * seq, math.prod(in_shape))
+    kernel_IxO = kernel.astype(dtype).reshape(math.prod(in_shape), math.prod(out_shape))
+    return (x_MxI @ kernel_IxO).reshape(batch, seq, *out_shape)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -105,7 +122,7 @@ def qkv_projections(
     """q, k, v of one layer, biased (Qwen2) or per-head normalised (Qwen3), with RoPE applied."""
 
     def project(name: str) -> jax.Array:
-        out = jnp.einsum("BTD,DNH->BTNH", h_BxTxD, attn[name]["kernel"].astype(dtype))
+        out = token_matmul(h_BxTxD, attn[name]["kernel"], dtype)
         if "bias" in attn[name]:
             out = out + attn[name]["bias"].astype(dtype)[None, None]
         return out
@@ -118,9 +135,9 @@ def qkv_projections(
 
 
 def swiglu_mlp(mlp: Params, h_BxTxD: jax.Array, dtype: Any) -> jax.Array:
-    gate_BxTxF = h_BxTxD @ mlp["gate_proj"]["kernel"].astype(dtype)
-    up_BxTxF = h_BxTxD @ mlp["up_proj"]["kernel"].astype(dtype)
-    return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ mlp["down_proj"]["kernel"].astype(dtype)
+    gate_BxTxF = token_matmul(h_BxTxD, mlp["gate_proj"]["kernel"], dtype)
+    up_BxTxF = token_matmul(h_BxTxD, mlp["up_proj"]["kernel"], dtype)
+    return token_matmul(jax.nn.silu(gate_BxTxF) * up_BxTxF, mlp["down_proj"]["kernel"], dtype)
 
 
 def layer_qkv(
@@ -141,8 +158,7 @@ def layer_residual_and_mlp(
     layer: Params, x_BxTxD: jax.Array, attn_BxTxNxH: jax.Array, *, eps: float, dtype: Any
 ) -> jax.Array:
     """The second half of a layer, from the attention output: o_proj + residual, then the MLP."""
-    out_kernel = layer["self_attn"]["o_proj"]["kernel"].astype(dtype)
-    x_BxTxD = x_BxTxD + jnp.einsum("BTNH,NHD->BTD", attn_BxTxNxH, out_kernel)
+    x_BxTxD = x_BxTxD + token_matmul(attn_BxTxNxH, layer["self_attn"]["o_proj"]["kernel"], dtype)
     h = rms_norm(x_BxTxD, layer["post_attention_layernorm"]["scale"], eps)
     return x_BxTxD + swiglu_mlp(layer["mlp"], h, dtype)
 
