@@ -467,6 +467,7 @@ def _range_errors(c: FluxConfig) -> list[str]:
     need(d.prefetch >= 0, "data.prefetch", ">= 0")
     need(d.shuffle_seed >= -1, "data.shuffle_seed", ">= 0, or -1 to use seed")
     need(c.model.logprob_chunk_size >= 0, "model.logprob_chunk_size", ">= 0 (0 = unchunked)")
+    need(c.model.logprob_chunk_mib >= 0, "model.logprob_chunk_mib", ">= 0 (0 = no cap)")
     need(0 <= o.b1 < 1, "optimizer.b1", "in [0, 1)")
     need(0 <= o.b2 < 1, "optimizer.b2", "in [0, 1)")
     need(o.eps > 0, "optimizer.eps", "> 0")

@@ -86,6 +86,9 @@ SCHEMA: dict[str, Any] = {
         ),
         "attention": Key("xla", "attention kernel", ("xla", "cudnn", "auto")),
         "logprob_chunk_size": Key(512, "positions per chunk of LM-head logits; 0 = unchunked"),
+        "logprob_chunk_mib": Key(
+            256, "cap on one chunk's fp32 logits per device (MiB): smaller chunks; 0 = no cap"
+        ),
         "prefix_sharing": Key(False, "true = run the shared prompt once for chosen and rejected"),
         "packing": Key(False, "true = pack several pairs into one sequence row"),
     },

@@ -24,7 +24,8 @@ Two counts of one train step over R = 2 x pairs rows (chosen and rejected) padde
     on the response tokens DPO scores.
   hardware_flops (for "hardware_flops_utilisation"): what the compiled step actually multiplies:
     every row is T padded tokens, attention is the full T x T score matrix (XLA's dense
-    attention computes the masked half too), and the head runs on T - 1 positions. The head's
+    attention computes the masked half too), and the head runs on T - 1 positions (or on the W
+    positions of a scored-position window, which leaves out the prompt). The head's
     custom VJP (flux_jax.logprobs) recomputes the logits in the backward pass: with more than
     one chunk that is forward + recompute + 2 gradient matmuls = 4x head forward; with a single
     chunk (unchunked, or a chunk >= T - 1) XLA merges the recompute with the forward (3x, and the
@@ -104,6 +105,7 @@ def dpo_step_flops(
     reference: str = "model",
     remat: str = "none",
     head_chunks: int = 1,
+    head_positions: int | None = None,
 ) -> StepFlops:
     """FLOPs of one DPO train step (all micro-batches together).
 
@@ -115,6 +117,8 @@ def dpo_step_flops(
       remat: the rematerialisation policy ("none", "full", "dots").
       head_chunks: how many chunks the LM head's log-prob scan has (1 when unchunked); see
         `head_chunk_count`.
+      head_positions: positions per row the head runs on: T - 1 (the default), or the width W
+        of the scored-position window (flux_jax.data.batching.score_window).
     """
     if reference not in REFERENCE_MODES:
         raise ValueError(f"reference={reference!r}; valid: {', '.join(REFERENCE_MODES)}")
@@ -129,7 +133,9 @@ def dpo_step_flops(
     rows, t = len(real_lengths), padded_length
     layers = rows * t * layer_flops_per_token(cfg)
     attention = rows * t * t * attention_flops_per_pair(cfg)
-    head = rows * (t - 1) * lm_head_flops_per_token(cfg)
+    head = (
+        rows * (t - 1 if head_positions is None else head_positions) * lm_head_flops_per_token(cfg)
+    )
     down_proj = rows * t * cfg.num_hidden_layers * 2 * cfg.intermediate_size * cfg.hidden_size
     remat_extra = {"none": 0, "full": layers - down_proj + attention, "dots": attention}[remat]
     head_passes = 3 if head_chunks <= 1 else 4

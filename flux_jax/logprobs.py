@@ -33,19 +33,41 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 DEFAULT_CHUNK_SIZE = 512
+DEFAULT_CHUNK_MIB = 256
+
+
+def capped_chunk_size(
+    chunk_size: int | None, rows_per_device: int, vocab_per_device: int, max_chunk_mib: float
+) -> int | None:
+    """The chunk to use: at most `chunk_size` positions, and few enough that one chunk's fp32
+    logits [rows_per_device, chunk, vocab_per_device] take at most `max_chunk_mib` MiB.
+
+    A fixed chunk in positions costs memory in proportion to the rows and the vocabulary: 512
+    positions of 8 rows are 128 MiB of logits at vocab 32k but 2.3 GiB at Qwen's 152k. The cap
+    keeps the head's peak close to a small-vocabulary model's. Multiples of 8 (sublane-aligned);
+    `max_chunk_mib` 0 (no cap) or a None chunk (unchunked) are returned as given.
+    """
+    if chunk_size is None or max_chunk_mib <= 0:
+        return chunk_size
+    fits = int(max_chunk_mib * 2**20 // (4 * max(rows_per_device, 1) * vocab_per_device))
+    capped = min(chunk_size, fits if fits < 8 else fits // 8 * 8)
+    return max(capped, 1)
 
 
 def _chunk_logits(
     hidden_BxCxD: jax.Array, lm_head_DxV: jax.Array, compute_dtype: DTypeLike
 ) -> jax.Array:
-    return jnp.einsum(
-        "bcd,dv->bcv",
-        hidden_BxCxD.astype(compute_dtype),
+    batch, chunk, dim = hidden_BxCxD.shape
+    # One 2-D matmul over the B * C positions (see layers.token_matmul: XLA:CPU handles the
+    # backward of 3-D einsums through slow transposes).
+    logits_MxV = jnp.matmul(
+        hidden_BxCxD.reshape(batch * chunk, dim).astype(compute_dtype),
         lm_head_DxV.astype(compute_dtype),
         # Accumulate in fp32 even for bf16 inputs: log-softmax over 152k classes is sensitive to
         # logit rounding, and a bf16 logit is only good to ~3 significant digits.
         preferred_element_type=jnp.float32,
     )
+    return logits_MxV.reshape(batch, chunk, -1)
 
 
 def _is_target(targets_BxC: jax.Array, vocab: int) -> jax.Array:
@@ -100,16 +122,14 @@ def _chunk_bwd(
     is_target_BxCxV = _is_target(targets_BxC, logits_BxCxV.shape[-1])
     softmax_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
     dlogits_BxCxV = (g_BxC[..., None] * (is_target_BxCxV - softmax_BxCxV)).astype(compute_dtype)
-    dhidden_BxCxD = jnp.einsum(
-        "bcv,dv->bcd",
-        dlogits_BxCxV,
-        lm_head_DxV.astype(compute_dtype),
-        preferred_element_type=jnp.float32,
-    )
-    dlm_head_DxV = jnp.einsum(
-        "bcd,bcv->dv",
-        hidden_BxCxD.astype(compute_dtype),
-        dlogits_BxCxV,
+    batch, chunk, dim = hidden_BxCxD.shape
+    dlogits_MxV = dlogits_BxCxV.reshape(batch * chunk, -1)
+    dhidden_BxCxD = jnp.matmul(
+        dlogits_MxV, lm_head_DxV.astype(compute_dtype).T, preferred_element_type=jnp.float32
+    ).reshape(batch, chunk, dim)
+    dlm_head_DxV = jnp.matmul(
+        hidden_BxCxD.reshape(batch * chunk, dim).astype(compute_dtype).T,
+        dlogits_MxV,
         preferred_element_type=jnp.float32,
     )
     # Integer targets and the mask get no cotangent (None is JAX's symbolic zero).
@@ -133,6 +153,7 @@ def token_logprobs(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     compute_dtype: DTypeLike = jnp.float32,
     source_index_BxT: jax.Array | None = None,
+    scored_positions_BxW: jax.Array | None = None,
 ) -> jax.Array:
     """Per-token fp32 log-probs of `input_ids`, aligned with `input_ids`, zero where not scored.
 
@@ -151,6 +172,10 @@ def token_logprobs(
         instead of `hidden[:, t - 1]`. Shared-prefix rows need it: the first rejected token is
         predicted by the last prompt token, not by the token before it in the row. The loss mask
         is then taken as is, column 0 included.
+      scored_positions_BxW: optional int [B, W]: the columns of the scored tokens of each row,
+        left-aligned and padded with -1 (flux_jax.data.batching.scored_positions). The head then
+        runs on those W positions only instead of all T: a prompt's positions cost no LM-head
+        work. Tokens outside the list are not scored even where `loss_mask` is 1.
 
     Returns:
       logps_BxT: float32, `logps[b, t] = log p(input_ids[b, t] | input_ids[b, :t])` where
@@ -164,6 +189,17 @@ def token_logprobs(
         )
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive or None, got {chunk_size}")
+    if scored_positions_BxW is not None:
+        return _windowed_token_logprobs(
+            hidden_BxTxD,
+            lm_head_DxV,
+            input_ids_BxT,
+            loss_mask_BxT,
+            scored_positions_BxW,
+            source_index_BxT,
+            chunk_size=chunk_size,
+            compute_dtype=compute_dtype,
+        )
     if source_index_BxT is not None:
         if source_index_BxT.shape != (batch, seq_len):
             raise ValueError(
@@ -195,6 +231,46 @@ def token_logprobs(
     )
     # Re-align with input_ids: column 0 (never scored) is 0.
     return jnp.pad(logps_BxS, ((0, 0), (1, 0)))
+
+
+def _windowed_token_logprobs(
+    hidden_BxTxD: jax.Array,
+    lm_head_DxV: jax.Array,
+    input_ids_BxT: jax.Array,
+    loss_mask_BxT: jax.Array,
+    scored_positions_BxW: jax.Array,
+    source_index_BxT: jax.Array | None,
+    *,
+    chunk_size: int | None,
+    compute_dtype: DTypeLike,
+) -> jax.Array:
+    """`token_logprobs` with the head applied only at the listed scored positions."""
+    batch, seq_len, _ = hidden_BxTxD.shape
+    if scored_positions_BxW.ndim != 2 or scored_positions_BxW.shape[0] != batch:
+        raise ValueError(f"scored_positions {scored_positions_BxW.shape} must be [B={batch}, W]")
+    listed_BxW = scored_positions_BxW >= 0
+    target_BxW = jnp.maximum(scored_positions_BxW, 0).astype(jnp.int32)
+    if source_index_BxT is None:
+        source_BxW = jnp.maximum(target_BxW - 1, 0)
+        listed_BxW = listed_BxW & (target_BxW >= 1)  # column 0 is never scored
+    else:
+        source_BxW = jnp.take_along_axis(source_index_BxT.astype(jnp.int32), target_BxW, axis=1)
+    # As with source_index: the gather's transpose is a scatter-add, so a hidden state that
+    # predicts two listed tokens gets both gradients.
+    source_BxWxD = jnp.take_along_axis(hidden_BxTxD, source_BxW[:, :, None], axis=1)
+    targets_BxW = jnp.take_along_axis(input_ids_BxT, target_BxW, axis=1)
+    mask_BxW = jnp.take_along_axis(loss_mask_BxT, target_BxW, axis=1).astype(bool) & listed_BxW
+    logps_BxW = _aligned_token_logprobs(
+        source_BxWxD,
+        lm_head_DxV,
+        targets_BxW,
+        mask_BxW,
+        chunk_size=chunk_size,
+        compute_dtype=compute_dtype,
+    )
+    # Back to input_ids' columns. Padding entries (-1, clamped to column 0) add exactly 0.
+    rows_Bx1 = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    return jnp.zeros((batch, seq_len), jnp.float32).at[rows_Bx1, target_BxW].add(logps_BxW)
 
 
 def _aligned_token_logprobs(

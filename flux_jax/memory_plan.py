@@ -29,7 +29,8 @@ layers, V vocab, T = max_length):
                                                  temporaries)
   gather = 2 x one layer's weights / t x c       FSDP all-gathers a layer's weights before use
                                                  (XLA may overlap the next layer's gather)
-  head   = 2 x rows x chunk x V/t x 4            chunked LM-head logits and their gradient (fp32),
+  head   = 2 x rows x chunk x V/t x 4            chunked LM-head logits and their gradient (fp32;
+                                                 chunk capped by model.logprob_chunk_mib),
            + D x V/t x (c + 4)                   the gathered head and its fp32 gradient carry
   other  = rows x T x D x (c + 4) + rows x T x T the embedding output, final norm and the mask
 
@@ -57,6 +58,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh
 
+from flux_jax.logprobs import capped_chunk_size
 from flux_jax.models.qwen.config import QwenConfig
 from flux_jax.models.qwen.model import build_model
 from flux_jax.models.qwen.presets import resolve_architecture
@@ -135,6 +137,7 @@ def memory_plan(
     compute_dtype: Any = "float32",
     remat: str = "none",
     logprob_chunk_size: int | None = 512,
+    logprob_chunk_mib: float = 0,
     reference: str = "model",
 ) -> dict[str, Any]:
     """Per-device bytes of params, gradients, optimiser state, reference and activations.
@@ -147,6 +150,8 @@ def memory_plan(
       param_dtype, compute_dtype: "float32" / "bfloat16" (or numpy dtypes).
       remat: "none", "full" or "dots".
       logprob_chunk_size: LM-head chunk (positions); None or 0 = unchunked logits.
+      logprob_chunk_mib: the trainer's cap on one chunk's logits per device (0 = none); the
+        plan uses the chunk the trainer would (flux_jax.logprobs.capped_chunk_size).
       reference: "model" (frozen copy on device), "precomputed" or "none" (reference-free).
 
     Returns:
@@ -196,6 +201,12 @@ def memory_plan(
             "multiple of it)"
         )
         rows = math.ceil(2 * micro / batch_devices)
+    chunk = capped_chunk_size(
+        logprob_chunk_size or None,
+        rows_per_device=math.ceil(rows),
+        vocab_per_device=math.ceil(qwen_config.vocab_size / tensor),
+        max_chunk_mib=logprob_chunk_mib,
+    )
     terms = activation_terms(
         qwen_config,
         rows=rows,
@@ -203,7 +214,7 @@ def memory_plan(
         tensor=tensor,
         compute_bytes=cb,
         remat=remat,
-        chunk=logprob_chunk_size or None,
+        chunk=chunk,
         fsdp=fsdp,
     )
     activations = sum(terms.values())
@@ -240,7 +251,8 @@ def memory_plan(
             if not isinstance(compute_dtype, str)
             else compute_dtype,
             "remat": remat,
-            "logprob_chunk_size": logprob_chunk_size or None,
+            "logprob_chunk_size": chunk,
+            "logprob_chunk_mib": logprob_chunk_mib,
             "reference": reference,
         },
         "per_device": per_device,
@@ -320,6 +332,7 @@ def plan_from_config(flux_config: Any, num_devices: int | None = None) -> dict[s
         compute_dtype=flux_config.model.compute_dtype,
         remat=flux_config.model.remat,
         logprob_chunk_size=flux_config.model.logprob_chunk_size or None,
+        logprob_chunk_mib=flux_config.model.logprob_chunk_mib,
         reference=reference,
     )
     plan["model"]["model_path"] = flux_config.model_path

@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from flux_jax import dpo, logprobs, train_step
 from flux_jax.data import (
     BATCH_KEYS,
+    SCORED_POSITION_KEYS,
     collate_pairs,
     default_bucket_lengths,
     load_preference_examples,
@@ -127,7 +128,8 @@ def evaluate_examples(
         real = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - real)  # same shape; dropped after scoring
         collated = collate_pairs(chunk, pad_id, bucket_lengths)
-        batches.append(({key: collated[key] for key in BATCH_KEYS}, real))
+        keys = [*BATCH_KEYS, *(k for k in SCORED_POSITION_KEYS if k in collated)]
+        batches.append(({key: collated[key] for key in keys}, real))
 
     policy = _score_all(graphdef, params, batches, logprob_chunk_size, mesh)
     if ref_params is not None:

@@ -86,19 +86,23 @@ def compute_ref_logps(
     batch_size: int,
     pad_id: int,
     bucket_lengths: Sequence[int],
+    score_windows: bool = True,
 ) -> np.ndarray:
     """[N, 2] (chosen, rejected) reference log-probs of `examples`, in order.
 
     `ref_logps_fn(host_batch) -> (chosen [B], rejected [B])` places and runs one batch. The last
     batch is filled up with copies of its first pair so every batch has the same shape (on a
-    multi-host run every process must run the same number of same-shaped steps).
+    multi-host run every process must run the same number of same-shaped steps; pass
+    `score_windows=False` there, see `collate_pairs`).
     """
     out = np.zeros((len(examples), 2), np.float32)
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start : start + batch_size])
         real = len(chunk)
         chunk += [chunk[0]] * (batch_size - real)
-        chosen, rejected = ref_logps_fn(collate_pairs(chunk, pad_id, bucket_lengths))
+        chosen, rejected = ref_logps_fn(
+            collate_pairs(chunk, pad_id, bucket_lengths, score_windows=score_windows)
+        )
         out[start : start + real, 0] = np.asarray(chosen)[:real]
         out[start : start + real, 1] = np.asarray(rejected)[:real]
     return out

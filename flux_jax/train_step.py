@@ -80,6 +80,11 @@ def paired_token_logprobs(
     """Per-token response log-probs [2B, T] (chosen rows first) and the paired loss mask."""
     model = nnx.merge(graphdef, params)
     paired = _paired_inputs(batch)
+    scored_NxW = None
+    if "chosen_scored_positions" in batch:
+        scored_NxW = jnp.concatenate(
+            [batch["chosen_scored_positions"], batch["rejected_scored_positions"]], axis=0
+        )
     hidden_NxTxD = model(
         paired["input_ids"],
         paired["positions"],
@@ -93,6 +98,7 @@ def paired_token_logprobs(
         paired["loss_mask"],
         chunk_size=chunk_size,
         compute_dtype=model.compute_dtype,
+        scored_positions_BxW=scored_NxW,
     )
     return token_logps_NxT, paired["loss_mask"]
 
@@ -127,6 +133,7 @@ def shared_prefix_token_logprobs(
         chunk_size=chunk_size,
         compute_dtype=model.compute_dtype,
         source_index_BxT=batch["source_index"],
+        scored_positions_BxW=batch.get("scored_positions"),
     )
 
 

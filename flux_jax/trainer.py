@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from flux_jax import checkpoint as ckpt_lib
-from flux_jax import optim, ref_logps
+from flux_jax import logprobs, optim, ref_logps
 from flux_jax import train_step as ts
 from flux_jax.config import FluxConfig
 from flux_jax.data import load_preference_examples, packing
@@ -94,7 +94,7 @@ class FluxTrainer:
             reference_free=config.algorithm.reference_free,
             sft_coef=config.algorithm.sft_coef,
             kl_coef=config.algorithm.kl_coef,
-            logprob_chunk_size=config.model.logprob_chunk_size or None,
+            logprob_chunk_size=self._logprob_chunk_size(),
             grad_accum_steps=config.grad_accum_steps,
         )
         # The reference is the initial policy, kept in the compute dtype (bf16 halves its memory).
@@ -103,6 +103,17 @@ class FluxTrainer:
             dtype = jnp.dtype(config.model.compute_dtype)
             self.ref_params = jax.tree.map(lambda x: jnp.copy(x.astype(dtype)), self.params)
         self._eval_step = None
+
+    def _logprob_chunk_size(self) -> int | None:
+        """model.logprob_chunk_size, capped so one chunk's logits fit model.logprob_chunk_mib."""
+        cfg, shape = self.config, self.mesh.shape
+        rows = 2 * cfg.batch_size // cfg.grad_accum_steps  # chosen + rejected rows per micro-batch
+        return logprobs.capped_chunk_size(
+            cfg.model.logprob_chunk_size or None,
+            rows_per_device=-(-rows // (shape["data"] * shape["fsdp"])),
+            vocab_per_device=-(-self.model.config.vocab_size // shape["tensor"]),
+            max_chunk_mib=cfg.model.logprob_chunk_mib,
+        )
 
     # ------------------------------------------------------------------------------------------
     # Public API
@@ -312,6 +323,7 @@ class _Run:
                 batch_size=local_batch,
                 pad_id=pad_token_id(t.tokenizer),
                 bucket_lengths=buckets,
+                score_windows=jax.process_count() == 1,
             )
 
         values, source = ref_logps.load_or_compute(key, examples, compute)
@@ -363,8 +375,10 @@ class _Run:
         grows with the row length. Eval and reference precomputation keep the standard layout.
         """
         cfg = self.cfg
+        # One batch shape on every process: no per-process scored-position windows.
+        score_windows = jax.process_count() == 1
         if not (cfg.model.prefix_sharing or cfg.model.packing):
-            return collate_pairs
+            return functools.partial(collate_pairs, score_windows=score_windows)
         pairs_per_row = 1
         if cfg.model.packing:
             share = cfg.model.prefix_sharing
@@ -380,6 +394,7 @@ class _Run:
             packing.collate_shared_prefix,
             pairs_per_row=pairs_per_row,
             share_prefix=cfg.model.prefix_sharing,
+            score_windows=score_windows,
         )
 
     def _optimizer(self):

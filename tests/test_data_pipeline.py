@@ -12,6 +12,7 @@ import pytest
 
 from flux_jax.data import (
     BATCH_KEYS,
+    SCORED_POSITION_KEYS,
     data_check_report,
     format_data_check_report,
     make_preference_iterator,
@@ -79,10 +80,10 @@ def test_batches_follow_the_contract(data_path, tokenizer):
     assert len(batches) == NUM_RECORDS // 4
     assert stats.pairs_kept == NUM_RECORDS
     for batch in batches:
-        assert sorted(batch) == sorted(BATCH_KEYS)
-        widths = {v.shape for v in batch.values()}
+        assert set(BATCH_KEYS) <= set(batch) <= set(BATCH_KEYS + SCORED_POSITION_KEYS)
+        widths = {batch[key].shape for key in BATCH_KEYS}
         assert len(widths) == 1 and widths.pop()[0] == 4
-        assert all(v.dtype == np.int32 for v in batch.values())
+        assert all(v.dtype == np.int32 and v.shape[0] == 4 for v in batch.values())
         assert batch["chosen_input_ids"].shape[1] in (16, 32)
 
 

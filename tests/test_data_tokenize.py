@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from flux_jax.data import (
     BATCH_KEYS,
+    SCORED_POSITION_KEYS,
     DataError,
     PreferenceExample,
     collate_pairs,
@@ -97,7 +98,11 @@ def test_string_pair_ids_and_mask_spelled_out(tmp_path, byte_tokenizer):
     )
     examples, _ = load(path, byte_tokenizer)
     batch = collate_pairs(examples, pad_id=0, bucket_lengths=(16,))
-    assert sorted(batch) == sorted(BATCH_KEYS)
+    # The longest response (5 tokens) fits a window of T / 2 = 8 scored positions.
+    assert sorted(batch) == sorted(BATCH_KEYS + SCORED_POSITION_KEYS)
+    assert batch["chosen_scored_positions"].tolist() == [[4, 5, 6, 7, 8, -1, -1, -1]]
+    assert batch["rejected_scored_positions"].tolist() == [[4, 5, 6, -1, -1, -1, -1, -1]]
+    assert all(batch.pop(k).dtype == np.int32 for k in SCORED_POSITION_KEYS)
     assert all(v.dtype == np.int32 and v.shape == (1, 16) for v in batch.values())
     pad = ["<|endoftext|>"]
     assert tokens(byte_tokenizer, batch["chosen_input_ids"][0]) == (
@@ -354,10 +359,11 @@ def test_chosen_and_rejected_share_the_smallest_fitting_bucket():
     batch = collate_pairs(
         [example(10, 60, 5), example(3, 4, 5)], pad_id=0, bucket_lengths=(64, 128)
     )
-    assert {v.shape for v in batch.values()} == {(2, 128)}  # 10 + 60 = 70 > 64
+    assert {batch[k].shape for k in BATCH_KEYS} == {(2, 128)}  # 10 + 60 = 70 > 64
+    assert batch["chosen_scored_positions"].shape == (2, 64)  # responses of <= 61 tokens: T / 2
     assert batch["rejected_segment_ids"].sum(axis=1).tolist() == [15, 8]
     batch = collate_pairs([example(3, 4, 60)], pad_id=0, bucket_lengths=(64, 128))
-    assert {v.shape for v in batch.values()} == {(1, 64)}  # 63 fits 64
+    assert {batch[k].shape for k in BATCH_KEYS} == {(1, 64)}  # 63 fits 64
     with pytest.raises(ValueError, match="exceeds the largest bucket 64"):
         collate_pairs([example(3, 4, 62)], pad_id=0, bucket_lengths=(32, 64))
 

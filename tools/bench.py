@@ -140,8 +140,17 @@ def collate_layout(
     the work a user asks for, so layouts compare on equal terms: a layout that computes fewer
     tokens for the same pairs shows up as a higher tokens/s.
     """
+    from flux_jax.data.batching import scored_positions
+
     if args.layout == "standard":
-        return collate(pairs, length)
+        batch = collate(pairs, length)
+        width = head_window(args)
+        if width is not None:
+            for side in ("chosen", "rejected"):
+                batch[f"{side}_scored_positions"] = scored_positions(
+                    batch[f"{side}_loss_mask"], width
+                )
+        return batch
     from flux_jax.data.packing import collate_shared_prefix
     from flux_jax.data.tokenization import PreferenceExample
 
@@ -152,7 +161,27 @@ def collate_layout(
     per_row = args.pairs_per_row if args.layout == "packed" else 1
     # One static row width (the longest possible row) so every step has the compiled shape.
     width = per_row * (args.prompt_len + 2 * args.response_len)
-    return collate_shared_prefix(examples, PAD_ID, (width,), pairs_per_row=per_row)
+    batch = collate_shared_prefix(
+        examples, PAD_ID, (width,), pairs_per_row=per_row, score_windows=False
+    )
+    window = head_window(args)
+    if window is not None:
+        batch["scored_positions"] = scored_positions(batch["loss_mask"], window)
+    return batch
+
+
+def head_window(args: argparse.Namespace) -> int | None:
+    """The scored-position window W of every batch (static, from the longest possible responses),
+    or None for the LM head on every position (--score-window off, or no window fits)."""
+    if args.score_window == "off":
+        return None
+    from flux_jax.data.batching import score_window
+
+    if args.layout == "standard":
+        return score_window(args.response_len, args.prompt_len + args.response_len)
+    per_row = args.pairs_per_row if args.layout == "packed" else 1
+    width = per_row * (args.prompt_len + 2 * args.response_len)
+    return score_window(per_row * 2 * args.response_len, width)
 
 
 def row_lengths(pairs: list[dict[str, np.ndarray]]) -> list[int]:
@@ -180,6 +209,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     parser.add_argument("--chunk", type=int, default=512, help="LM head chunk; 0 = unchunked")
+    parser.add_argument(
+        "--chunk-mib",
+        type=float,
+        default=256,
+        help="cap on one chunk's fp32 logits per device, as model.logprob_chunk_mib; 0 = no cap",
+    )
     parser.add_argument("--reference", default="model", choices=["model", "precomputed", "none"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -197,6 +232,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "sharing with --pairs-per-row pairs per row",
     )
     parser.add_argument("--pairs-per-row", type=int, default=2, help="with --layout packed")
+    parser.add_argument(
+        "--score-window",
+        default="auto",
+        choices=["auto", "off"],
+        help="auto: the LM head runs only on the scored-position window (as the trainer's "
+        "batches do when it fits); off: on every position",
+    )
     args = parser.parse_args(argv)
     if args.batch % args.grad_accum:
         parser.error(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}")
@@ -294,7 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from flux_jax import flops, optim
+    from flux_jax import flops, logprobs, optim
     from flux_jax import train_step as ts
     from flux_jax.models.qwen.presets import PRESETS
     from flux_jax.sharding import make_mesh
@@ -318,7 +360,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         peak, peak_source = table_peak_flops(jax.devices())
     mesh = make_mesh(*args.mesh)
     graphdef, params = build_params(cfg, args, mesh)
-    chunk = args.chunk or None
+    # The trainer's chunk rule (FluxTrainer._logprob_chunk_size): --chunk, capped at --chunk-mib
+    # MiB of logits per device for the rows one device holds in a micro-batch.
+    rows = (
+        2 * args.batch
+        if args.layout == "standard"
+        else args.batch // (args.pairs_per_row if args.layout == "packed" else 1)
+    )
+    chunk = logprobs.capped_chunk_size(
+        args.chunk or None,
+        rows_per_device=-(-rows // args.grad_accum // (mesh.shape["data"] * mesh.shape["fsdp"])),
+        vocab_per_device=-(-cfg.vocab_size // mesh.shape["tensor"]),
+        max_chunk_mib=args.chunk_mib,
+    )
     settings = ts.DPOSettings(
         reference_free=args.reference == "none",
         logprob_chunk_size=chunk,
@@ -383,7 +437,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.layout == "standard":
         padded_tokens *= 2  # chosen and rejected rows
-    head_chunks = flops.head_chunk_count(length, chunk)
+    window = head_window(args) if args.layout == "standard" else None
+    head_chunks = flops.head_chunk_count(length if window is None else window + 1, chunk)
     counts = [
         flops.dpo_step_flops(
             cfg,
@@ -392,6 +447,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             reference=args.reference,
             remat=args.remat,
             head_chunks=head_chunks,
+            head_positions=window,
         )
         for p in timed_pairs
     ]
@@ -409,11 +465,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mesh": dict(zip(("data", "fsdp", "tensor"), mesh.devices.shape, strict=True)),
         "dtype": args.dtype,
         "remat": args.remat,
-        "chunk": args.chunk,
+        "chunk": chunk,
+        "chunk_mib": args.chunk_mib,
         "head_chunks": head_chunks,
         "reference": args.reference,
         "layout": args.layout,
         "pairs_per_row": args.pairs_per_row if args.layout == "packed" else 1,
+        "score_window": head_window(args),
         "grad_accum": args.grad_accum,
         "batch_pairs": args.batch,
         "prompt_len": args.prompt_len,

@@ -10,7 +10,12 @@ pipeline.py      the grain MapDataset pipeline and its resumable iterator
 check.py         the `flux-jax data check` report
 """
 
-from flux_jax.data.batching import BATCH_KEYS, collate_pairs, default_bucket_lengths
+from flux_jax.data.batching import (
+    BATCH_KEYS,
+    SCORED_POSITION_KEYS,
+    collate_pairs,
+    default_bucket_lengths,
+)
 from flux_jax.data.check import data_check_report, format_data_check_report
 from flux_jax.data.formats import DATA_FORMATS
 from flux_jax.data.loading import load_preference_examples
@@ -21,6 +26,7 @@ from flux_jax.data.tokenization import PreferenceExample
 
 __all__ = [
     "BATCH_KEYS",
+    "SCORED_POSITION_KEYS",
     "DATA_FORMATS",
     "DataError",
     "DataStats",

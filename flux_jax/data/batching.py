@@ -11,6 +11,11 @@ The batch contract, for B pairs padded on the right to one bucket length T:
     ref_chosen_logps     float32 [B]   only when every pair carries precomputed reference
     ref_rejected_logps   float32 [B]   log-probs (PreferenceExample.ref_logps)
 
+    chosen_scored_positions   int32 [B, W]  the columns where loss_mask is 1, left-aligned, then
+    rejected_scored_positions int32 [B, W]  -1; only when every row's responses fit in W = T / 4
+                                            or T / 2 (`score_window`); the LM head then runs on
+                                            W positions per row instead of T (flux_jax.logprobs)
+
 Chosen and rejected share T: the smallest bucket length >= the longest sequence of the batch, on
 either side. Only a few bucket lengths exist, so jit compiles only a few shapes. The pad id is
 never used to find padding: segment_ids says what is real.
@@ -65,10 +70,58 @@ def bucket_length(length: int, bucket_lengths: Sequence[int]) -> int:
     )
 
 
+SCORED_POSITION_KEYS = ("chosen_scored_positions", "rejected_scored_positions")
+# The head windows tried, as fractions of the row length: each bucket length compiles into at most
+# len(SCORE_WINDOW_FRACTIONS) + 1 step shapes.
+SCORE_WINDOW_FRACTIONS = (4, 2)
+
+
+def score_window(scored_per_row: int, row_length: int) -> int | None:
+    """The width W of the scored-position window for rows of `row_length` whose longest scored
+    span has `scored_per_row` tokens: a quarter or half of the row, or None (score every
+    position: a window that saves less than half of the head is not worth another shape)."""
+    for fraction in SCORE_WINDOW_FRACTIONS:
+        width = -(-row_length // fraction)
+        if scored_per_row <= width:
+            return width
+    return None
+
+
+def scored_positions(loss_mask_BxT: np.ndarray, width: int) -> np.ndarray:
+    """[B, width] int32: each row's columns with loss_mask 1, in order, then -1."""
+    positions_BxW = np.full((loss_mask_BxT.shape[0], width), -1, dtype=np.int32)
+    for row, mask in enumerate(loss_mask_BxT):
+        columns = np.flatnonzero(mask)
+        if len(columns) > width:
+            raise ValueError(f"row {row} has {len(columns)} scored tokens, more than {width}")
+        positions_BxW[row, : len(columns)] = columns
+    return positions_BxW
+
+
+def add_scored_positions(batch: dict[str, np.ndarray], mask_keys: Sequence[str]) -> None:
+    """Adds `<side>_scored_positions` for each `<side>_loss_mask` in `mask_keys` (one W for all)
+    when a `score_window` fits; leaves the batch alone otherwise."""
+    masks = [batch[key] for key in mask_keys]
+    most = max(int(mask.astype(bool).sum(axis=1).max()) for mask in masks)
+    width = score_window(most, masks[0].shape[1])
+    if width is None:
+        return
+    for key, mask in zip(mask_keys, masks, strict=True):
+        batch[key.replace("loss_mask", "scored_positions")] = scored_positions(mask, width)
+
+
 def collate_pairs(
-    examples: Sequence[PreferenceExample], pad_id: int, bucket_lengths: Sequence[int]
+    examples: Sequence[PreferenceExample],
+    pad_id: int,
+    bucket_lengths: Sequence[int],
+    *,
+    score_windows: bool = True,
 ) -> dict[str, np.ndarray]:
-    """One padded batch (see the module docstring) of the given pairs."""
+    """One padded batch (see the module docstring) of the given pairs.
+
+    `score_windows=False` never adds scored positions: a multi-process run needs one batch shape
+    on every process, and each process's rows would pick their own window.
+    """
     if not examples:
         raise ValueError("cannot collate an empty list of pairs")
     width = bucket_length(max(e.longest_sequence for e in examples), bucket_lengths)
@@ -77,6 +130,8 @@ def collate_pairs(
         completions = [getattr(e, f"{side}_ids") for e in examples]
         arrays = pad_side([e.prompt_ids for e in examples], completions, pad_id, width)
         batch.update({f"{side}_{name}": array for name, array in arrays.items()})
+    if score_windows:
+        add_scored_positions(batch, ("chosen_loss_mask", "rejected_loss_mask"))
     if all(e.ref_logps is not None for e in examples):
         ref_Bx2 = np.asarray([e.ref_logps for e in examples], dtype=np.float32)
         batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_Bx2[:, 0], ref_Bx2[:, 1]

@@ -14,6 +14,8 @@ tokens, S = B / R pairs per row:
                                 the first rejected token of a shared prompt, predicted by the last
                                 prompt token (index start + P - 1)
     loss_mask     int32 [R, T]  1 on scored response tokens (chosen and rejected)
+    scored_positions int32 [R, W]  the columns where loss_mask is 1, then -1, when W = T / 4 or
+                                T / 2 holds them (flux_jax.data.batching.score_window)
     pair_order    int32 [R, S]  which of the collated examples sits in each slot
     ref_chosen_logps, ref_rejected_logps  float32 [R, S]  when every pair carries ref_logps
 
@@ -39,7 +41,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flux_jax.data.batching import bucket_length
+from flux_jax.data.batching import add_scored_positions, bucket_length
 from flux_jax.data.tokenization import PreferenceExample
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
@@ -98,6 +100,7 @@ def collate_shared_prefix(
     *,
     pairs_per_row: int = 1,
     share_prefix: bool = True,
+    score_windows: bool = True,
 ) -> dict[str, np.ndarray]:
     """One batch in the layout of the module docstring.
 
@@ -118,6 +121,8 @@ def collate_shared_prefix(
         start = 0
         for slot, index in enumerate(row, start=1):
             start = _write_pair(batch, r, start, slot, examples[index], share_prefix)
+    if score_windows:
+        add_scored_positions(batch, ("loss_mask",))
     if all(e.ref_logps is not None for e in examples):
         ref_Bx2 = np.asarray([e.ref_logps for e in examples], np.float32)
         order_RxS = batch["pair_order"]
