@@ -97,9 +97,11 @@ def attention_core(
 ) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads (N a multiple of K).
 
-    `implementation` is passed to jax.nn.dot_product_attention: "xla" everywhere, "cudnn" for
-    flash attention on NVIDIA GPUs, None to let JAX choose.
+    "xla": `grouped_query_attention`, plain einsums that XLA compiles on every backend.
+    "cudnn" (flash attention on NVIDIA GPUs) or None (JAX chooses): jax.nn.dot_product_attention.
     """
+    if implementation == "xla":
+        return grouped_query_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS)
     return jax.nn.dot_product_attention(
         q_BxTxNxH,
         k_BxSxKxH,
@@ -107,6 +109,45 @@ def attention_core(
         mask=mask_Bx1xTxS,
         scale=q_BxTxNxH.shape[-1] ** -0.5,
         implementation=implementation,
+    )
+
+
+def grouped_query_attention(
+    q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_Bx1xTxS: jax.Array
+) -> jax.Array:
+    """Softmax attention, the G = N / K query heads of a KV head folded into the query axis.
+
+    The same math as jax.nn.dot_product_attention's XLA path (fp32 logits and softmax, masked
+    logits set to the dtype's minimum), but every matmul is a plain [B, K] batch of
+    [G * T, H] x [H, S] products instead of a 5-D einsum with two free query axes. XLA:CPU runs
+    that 2.3x faster forward and 1.15x with the backward ([8, 256] tokens, 8 of 4 KV heads).
+    """
+    batch, seq_q, num_heads, head_dim = q_BxTxNxH.shape
+    kv_heads, seq_k = k_BxSxKxH.shape[2], k_BxSxKxH.shape[1]
+    group = num_heads // kv_heads
+    # Query head n = k * G + g uses KV head k (the grouping of HF's repeat_kv).
+    q_BxKxGTxH = (
+        q_BxTxNxH.reshape(batch, seq_q, kv_heads, group, head_dim)
+        .transpose(0, 2, 3, 1, 4)
+        .reshape(batch, kv_heads, group * seq_q, head_dim)
+    )
+    k_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3)
+    v_BxKxSxH = v_BxSxKxH.transpose(0, 2, 1, 3)
+    logits = jnp.einsum(
+        "bkqh,bksh->bkqs", q_BxKxGTxH, k_BxKxSxH, preferred_element_type=jnp.float32
+    ) * jnp.float32(head_dim**-0.5)
+    mask_Bx1xGTxS = jnp.broadcast_to(
+        mask_Bx1xTxS[:, :, None], (batch, 1, group, seq_q, seq_k)
+    ).reshape(batch, 1, group * seq_q, seq_k)
+    logits = jnp.where(
+        jnp.broadcast_to(mask_Bx1xGTxS, logits.shape), logits, jnp.finfo(jnp.float32).min
+    )
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxKxGTxH = jnp.einsum("bkqs,bksh->bkqh", probs, v_BxKxSxH)
+    return (
+        out_BxKxGTxH.reshape(batch, kv_heads, group, seq_q, head_dim)
+        .transpose(0, 3, 1, 2, 4)
+        .reshape(batch, seq_q, num_heads, head_dim)
     )
 
 
