@@ -319,6 +319,7 @@ def test_config_error_is_a_value_error():
         (["mesh.data=-1"], "mesh: at most one of data, fsdp, tensor may be -1"),
         (["mesh.tensor=0"], "mesh.tensor must be >= 1, or -1"),
         (["checkpoint.save_steps=0"], "checkpoint.save_steps must be >= 1"),
+        (["model.logprob_chunk_mib=-1"], "model.logprob_chunk_mib must be >= 0 (0 = no cap)"),
         (["algorithm.reference_free=true", "algorithm.kl_coef=0.1"], "algorithm.kl_coef > 0 nee"),
     ],
 )

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flux_jax import logprobs
-from flux_jax.logprobs import token_counts
+from flux_jax.logprobs import capped_chunk_size, token_counts
 
 # Jitted once per static configuration: eager op-by-op dispatch would dominate the test time.
 _STATIC = ("chunk_size", "compute_dtype")
@@ -213,3 +213,26 @@ def test_chunking_cuts_compiled_memory_at_qwen_vocab():
     assert unchunked >= logits_bytes  # the reference path really does hold the logits
     assert chunked < unchunked / 4
     assert chunked < logits_bytes / 2
+
+
+@pytest.mark.parametrize(
+    "chunk, rows, vocab, mib, expected",
+    [
+        # 256 MiB of fp32 logits over 8 rows of Qwen's vocab hold 55.2 positions: 48 (multiple of 8)
+        (512, 8, 151_936, 256, 48),
+        # a small vocabulary fits the whole chunk: the chunk stands
+        (512, 8, 32_768, 256, 256),
+        (128, 8, 32_768, 256, 128),
+        # under 8 positions fit: no rounding down to 0, at least one position
+        (512, 64, 151_936, 16, 1),
+        (512, 4096, 151_936, 1, 1),
+        # no cap, or no chunking: as given
+        (512, 8, 151_936, 0, 512),
+        (None, 8, 151_936, 256, None),
+    ],
+)
+def test_capped_chunk_size(chunk, rows, vocab, mib, expected):
+    capped = capped_chunk_size(chunk, rows, vocab, mib)
+    assert capped == expected
+    if capped is not None and mib > 0 and capped > 1:
+        assert 4 * rows * capped * vocab <= mib * 2**20  # one chunk's fp32 logits fit the cap
