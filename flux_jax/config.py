@@ -468,6 +468,11 @@ def _range_errors(c: FluxConfig) -> list[str]:
     need(d.shuffle_seed >= -1, "data.shuffle_seed", ">= 0, or -1 to use seed")
     need(c.model.logprob_chunk_size >= 0, "model.logprob_chunk_size", ">= 0 (0 = unchunked)")
     need(c.model.logprob_chunk_mib >= 0, "model.logprob_chunk_mib", ">= 0 (0 = no cap)")
+    if c.model.attention == "splash" and (c.model.prefix_sharing or c.model.packing):
+        errors.append(
+            "model.attention='splash' cannot express the shared-prefix mask of "
+            "model.prefix_sharing / model.packing; use 'xla', 'cudnn' or 'auto' with them"
+        )
     need(0 <= o.b1 < 1, "optimizer.b1", "in [0, 1)")
     need(0 <= o.b2 < 1, "optimizer.b2", "in [0, 1)")
     need(o.eps > 0, "optimizer.eps", "> 0")

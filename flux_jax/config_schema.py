@@ -84,7 +84,11 @@ SCHEMA: dict[str, Any] = {
         "remat": Key(
             "none", "per-layer remat: none, full, dots (keep matmuls)", ("none", "full", "dots")
         ),
-        "attention": Key("xla", "attention kernel", ("xla", "cudnn", "auto")),
+        "attention": Key(
+            "xla",
+            "attention kernel: xla, cudnn (NVIDIA flash), splash (Pallas TPU), auto (per backend)",
+            ("xla", "cudnn", "splash", "auto"),
+        ),
         "logprob_chunk_size": Key(512, "positions per chunk of LM-head logits; 0 = unchunked"),
         "logprob_chunk_mib": Key(
             256, "cap on one chunk's fp32 logits per device (MiB): smaller chunks; 0 = no cap"

@@ -35,6 +35,8 @@ class ModelOptions:
     remat: str = "none"
     attention: str = "xla"
     seed: int = 0
+    # Shared-prefix / packed rows need the branch mask, which the splash kernel cannot express.
+    branch_masks: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> ModelOptions:
@@ -44,11 +46,22 @@ class ModelOptions:
             remat=config.model.remat,
             attention=config.model.attention,
             seed=config.seed,
+            branch_masks=bool(config.model.prefix_sharing or config.model.packing),
         )
 
     @property
     def attention_impl(self) -> str | None:
-        return None if self.attention == "auto" else self.attention
+        """The model's attention_impl. "auto": the splash kernel on TPU for standard rows, else
+        JAX's choice (cuDNN flash attention on NVIDIA GPUs where it applies, XLA otherwise)."""
+        backend = jax.default_backend()
+        if self.attention == "auto":
+            return "splash" if backend == "tpu" and not self.branch_masks else None
+        if self.attention == "splash" and backend != "tpu":
+            raise ValueError(
+                f"model.attention='splash' is the Pallas TPU kernel; this backend is {backend!r}. "
+                "Use 'xla', or 'auto' (cuDNN flash attention on NVIDIA GPUs)."
+            )
+        return self.attention
 
 
 def is_builtin(model_path: str) -> bool:

@@ -341,7 +341,7 @@ def test_out_of_range_in_yaml_names_file_and_key(tmp_path):
         ("model.compute_dtype=float16", "'float32', 'bfloat16'"),
         ("optimizer.schedule=step", "'constant', 'cosine', 'linear'"),
         ("data.on_bad_record=warn", "'error', 'skip'"),
-        ("model.attention=flash", "'xla', 'cudnn', 'auto'"),
+        ("model.attention=flash", "'xla', 'cudnn', 'splash', 'auto'"),
     ],
 )
 def test_unknown_enum_values_list_the_valid_ones(override, valid):

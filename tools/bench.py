@@ -220,7 +220,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--mesh", type=parse_mesh, default=(1, -1, 1), help="data,fsdp,tensor")
-    parser.add_argument("--attention", default="xla", help="xla, cudnn or auto")
+    parser.add_argument(
+        "--attention", default="xla", help="xla, cudnn, splash (TPU) or auto, as model.attention"
+    )
     parser.add_argument("--cpu-devices", type=int, default=0, help="fake CPU devices (mesh tests)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="override the peak")
     parser.add_argument("--seed", type=int, default=0)
@@ -306,6 +308,16 @@ def compiled_memory(compiled: Any) -> dict[str, int] | None:
     return out
 
 
+def resolved_attention(args: argparse.Namespace) -> str | None:
+    """--attention as the trainer resolves model.attention ("auto": splash on TPU for standard
+    rows, else JAX's choice)."""
+    from flux_jax.model_setup import ModelOptions
+
+    return ModelOptions(
+        attention=args.attention, branch_masks=args.layout != "standard"
+    ).attention_impl
+
+
 def build_params(cfg: Any, args: argparse.Namespace, mesh: Any) -> tuple[Any, Any]:
     """(graphdef, params) of a random model, each parameter created on its mesh sharding."""
     import jax
@@ -313,7 +325,7 @@ def build_params(cfg: Any, args: argparse.Namespace, mesh: Any) -> tuple[Any, An
     from flax import nnx
 
     from flux_jax.models.qwen.model import build_model
-    from flux_jax.sharding import state_shardings
+    from flux_jax.sharding import batch_sharding, state_shardings
 
     def make():
         return build_model(
@@ -322,7 +334,8 @@ def build_params(cfg: Any, args: argparse.Namespace, mesh: Any) -> tuple[Any, An
             param_dtype=jnp.float32,
             compute_dtype=jnp.dtype(args.dtype),
             remat=args.remat,
-            attention_impl=None if args.attention == "auto" else args.attention,
+            attention_impl=resolved_attention(args),
+            activation_sharding=batch_sharding(mesh),
         )
 
     abstract = nnx.eval_shape(make)
@@ -465,6 +478,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mesh": dict(zip(("data", "fsdp", "tensor"), mesh.devices.shape, strict=True)),
         "dtype": args.dtype,
         "remat": args.remat,
+        "attention": args.attention,
+        "attention_impl": resolved_attention(args),
         "chunk": chunk,
         "chunk_mib": args.chunk_mib,
         "head_chunks": head_chunks,

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flux_jax.models.qwen import layers as qwen_layers
-from flux_jax.models.qwen.model import QwenForCausalLM
+from flux_jax.models.qwen.model import SPLASH_IMPLS, QwenForCausalLM
+
+FLASH_ONLY_IMPLS = ("cudnn", *SPLASH_IMPLS)
 
 Params = dict[str, Any]
 KVCache = dict[str, jax.Array]  # {"k", "v"}: [L, B, S, K, H] each
@@ -43,9 +45,10 @@ class DecoderSpec:
     @classmethod
     def of(cls, model: QwenForCausalLM) -> DecoderSpec:
         cfg = model.config
-        # cuDNN flash attention is for long full sequences; the cached path attends one query
-        # over an explicit [B, 1, T, S] mask, which the XLA implementation handles for any shape.
-        impl = "xla" if model.attention_impl == "cudnn" else model.attention_impl
+        # cuDNN flash and splash attention are for long full sequences; the cached path attends
+        # one query over an explicit [B, 1, T, S] mask, which the XLA implementation handles for
+        # any shape.
+        impl = "xla" if model.attention_impl in FLASH_ONLY_IMPLS else model.attention_impl
         return cls(
             head_dim=cfg.head_dim,
             rope_theta=float(cfg.rope_theta),

@@ -9,6 +9,7 @@ built in fp32 and cast to the compute dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -209,17 +210,17 @@ def decoder_layer(
     x_BxTxD: jax.Array,
     sin_BxTxH: jax.Array,
     cos_BxTxH: jax.Array,
-    mask_Bx1xTxT: jax.Array,
+    attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
     *,
     eps: float,
     dtype: Any,
-    attention_impl: str | None,
 ) -> jax.Array:
     """One pre-norm decoder layer over a full sequence (training and prefill).
 
-    Split in two halves around `attention_core` so that the KV-cache decoder
+    `attend(q, k, v)` is the attention with its mask bound (`attention_core` over a dense mask, or
+    the splash kernel over segment ids). Split in two halves around it so that the KV-cache decoder
     (flux_jax.generation) can write k and v into its cache and attend over the cache instead.
     """
     q, k, v = layer_qkv(layer, x_BxTxD, sin_BxTxH, cos_BxTxH, eps=eps, dtype=dtype)
-    attn_BxTxNxH = attention_core(q, k, v, mask_Bx1xTxT, attention_impl)
+    attn_BxTxNxH = attend(q, k, v)
     return layer_residual_and_mlp(layer, x_BxTxD, attn_BxTxNxH, eps=eps, dtype=dtype)

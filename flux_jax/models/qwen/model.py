@@ -17,7 +17,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flux_jax.models.qwen import layers as qwen_layers
+from flux_jax.models.qwen import splash
 from flux_jax.models.qwen.config import QwenConfig
+
+# Attention implementations served by the splash kernel rather than `layers.attention_core`.
+SPLASH_IMPLS = ("splash", "splash_interpret")
 
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
@@ -120,7 +124,9 @@ class QwenForCausalLM(nnx.Module):
       param_dtype: dtype the parameters are stored in (fp32 master weights for training).
       compute_dtype: dtype of activations and matmuls; parameters are cast to it at use.
       remat: "none", "full" or "dots": rematerialisation policy applied to each layer.
-      attention_impl: "xla", "cudnn" or None (JAX chooses), for jax.nn.dot_product_attention.
+      attention_impl: "xla" (layers.grouped_query_attention), "cudnn" or None (JAX chooses)
+        for jax.nn.dot_product_attention, "splash" (the Pallas TPU kernel, models/qwen/splash.py)
+        or "splash_interpret" (the same kernel through the Pallas interpreter, for CPU tests).
       activation_sharding: where the [B, T, D] hidden states live between layers, e.g.
         `sharding.batch_sharding(mesh)` (batch over data x fsdp). None leaves it to GSPMD, which
         under FSDP may gather the whole batch onto every device instead of gathering the weights.
@@ -156,6 +162,32 @@ class QwenForCausalLM(nnx.Module):
                 dtype=param_dtype,
                 rngs=rngs,
             )
+
+    def _attention(
+        self, segment_ids_BxT: jax.Array, branch_ids_BxT: jax.Array | None
+    ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+        """attend(q, k, v) with this batch's mask bound: splash over the segment ids, or
+        `attention_core` over the dense causal-segment (or shared-prefix branch) mask."""
+        if self.attention_impl in SPLASH_IMPLS:
+            if branch_ids_BxT is not None:
+                raise ValueError(
+                    "splash attention cannot express the shared-prefix (branch) mask; "
+                    "use attention 'xla' or 'cudnn' with prefix sharing"
+                )
+            interpret = self.attention_impl == "splash_interpret"
+            return lambda q, k, v: splash.splash_attention(
+                q,
+                k,
+                v,
+                segment_ids_BxT,
+                activation_sharding=self.activation_sharding,
+                interpret=interpret,
+            )
+        if branch_ids_BxT is None:
+            mask = qwen_layers.causal_segment_mask(segment_ids_BxT)
+        else:
+            mask = qwen_layers.branch_segment_mask(segment_ids_BxT, branch_ids_BxT)
+        return lambda q, k, v: qwen_layers.attention_core(q, k, v, mask, self.attention_impl)
 
     def lm_head_weight(self) -> jax.Array:
         """The [D, V] output projection (the transposed embedding when tied)."""
@@ -203,21 +235,11 @@ class QwenForCausalLM(nnx.Module):
         )
         x_BxTxD = self._constrain(x_BxTxD)
         sin, cos = qwen_layers.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, dtype)
-        if branch_ids_BxT is None:
-            mask = qwen_layers.causal_segment_mask(segment_ids_BxT)
-        else:
-            mask = qwen_layers.branch_segment_mask(segment_ids_BxT, branch_ids_BxT)
+        attend = self._attention(segment_ids_BxT, branch_ids_BxT)
 
         def layer_step(x, layer_params):
             x = qwen_layers.decoder_layer(
-                layer_params,
-                x,
-                sin,
-                cos,
-                mask,
-                eps=cfg.rms_norm_eps,
-                dtype=dtype,
-                attention_impl=self.attention_impl,
+                layer_params, x, sin, cos, attend, eps=cfg.rms_norm_eps, dtype=dtype
             )
             x = self._constrain(x)
             return x, (x if return_layer_outputs else None)
