@@ -32,8 +32,9 @@ Forward per token: 2*D*(N*H + 2*K*H) + 2*N*H*D + 6*D*F per layer, plus 2*D*V for
 4*N*H per (query, key) pair per layer for attention. model_flops ("mfu") counts real tokens only,
 with causal attention pairs n*(n+1)/2 per row: policy forward + backward = 3x forward, a reference
 model +1x forward, a precomputed or absent reference +0. hardware_flops counts every padded row
-with the full T x T attention, the LM head's logit recompute in the backward pass (4x head forward
-with more than one chunk, 3x otherwise) and rematerialisation's recompute.
+with the full T x T attention, the LM head on the positions it runs on (T - 1 per row, or the
+scored-position window W of --score-window auto), its logit recompute in the backward pass (4x head
+forward with more than one chunk, 3x otherwise) and rematerialisation's recompute.
 
 Peak FLOP/s: on CPU, the best of several 2048 x 2048 jnp matmuls in the compute dtype, measured
 before and after the steps in the same run (the machine, not per fake device). On accelerators, a
