@@ -140,6 +140,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_and_referen
     _assert_same_run(reference, out_dir, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_devices(tmp_path, data_and_reference):
     """Checkpointed on 8 devices (fsdp=8), resumed on 4: same run up to reduction order."""
     data, _ = data_and_reference
