@@ -60,3 +60,34 @@ def test_bench_tiny_prints_json():
     assert result["peak_memory_bytes"] > 0
     assert result["compiled_memory"]["temp_bytes"] > 0
     assert all(math.isfinite(loss) for loss in result["losses"])
+
+
+def test_bench_table_rows_and_dry_run(capsys):
+    """tools/bench_table.py: parses a tool's JSON (also after stray library output) into a row;
+    --dry-run lists one bench command per suite entry without running any."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench_table
+    finally:
+        sys.path.pop(0)
+    result = {
+        "step_time_s": 4.81,
+        "tokens_per_s": 368.2,
+        "pairs_per_s": 0.83,
+        "mfu": 0.6,
+        "hardware_flops_utilisation": 0.577,
+        "compiled_memory": {"temp_bytes": 2.3e9},
+        "peak_memory_bytes": 3.76e9,
+        "cpu_share": 0.94,
+    }
+    stdout = "a library's banner\n" + json.dumps(result, indent=1) + "\n"
+    row = bench_table.table_row("flux", bench_table.parse_result(stdout))
+    assert row == "| flux | 4.81 | 368 | 0.83 | 0.600 | 0.577 | 2.30 GB | 3.76 GB | 0.94 |"
+    trl_row = bench_table.table_row("trl", {**result, "compiled_memory": None})
+    assert "| – |" in trl_row  # TRL has no compiled memory
+
+    assert bench_table.main(["--suite", "cpu", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    commands = [line for line in lines if not line.startswith("#")]
+    assert len(commands) == 7  # the TRL rows need --trl-python
+    assert all("tools/bench.py" in c and "--model qwen3-40m" in c for c in commands)
