@@ -26,7 +26,8 @@ layers, V vocab, T = max_length):
                                                    the boolean mask, the MLP's elementwise terms)
   layer  = rows x T x s_none                     one layer's backward working set (the layer
                                                  recomputed under remat, or its gradient
-                                                 temporaries)
+                                                 temporaries); under "dots" less the saved
+                                                 matmul outputs, (D + (N+2K)H + 2F) x c
   gather = 2 x one layer's weights / t x c       FSDP all-gathers a layer's weights before use
                                                  (XLA may overlap the next layer's gather)
   head   = 2 x rows x chunk x V/t x 4            chunked LM-head logits and their gradient (fp32;
@@ -36,10 +37,10 @@ layers, V vocab, T = max_length):
 
   activations = saved + layer + gather + head + other
 
-The residual lists come from `print_saved_residuals` on one decoder layer; on CPU (fp32, remat
-none/dots/full) the estimate came within 3-10% of XLA's compiled temp memory, low rather than
-high (XLA keeps a few more buffers alive). bf16 runs keep their norm and softmax temporaries in
-fp32, so they use somewhat more than the c = 2 figures say.
+The residual lists come from `print_saved_residuals` on one decoder layer. Against XLA's compiled
+temp memory on CPU (fp32, tests/test_memory_plan.py, slow), after the 2-D token matmuls and the
+folded GQA attention: remat none 12% low, dots 16% high, full within 1%. bf16 runs keep their
+norm and softmax temporaries in fp32, so they use somewhat more than the c = 2 figures say.
 
 The reference forward runs under stop_gradient and saves nothing, so it adds at most one layer's
 working set while the policy's residuals are not yet live; it is not counted separately. The
@@ -285,18 +286,22 @@ def activation_terms(
     qkv, mlp, heads = q + 2 * kv, _split(F, t), _split(N, t)
     # Bytes per token of one layer (see the module docstring); the mask is 1 byte per entry.
     per_token_none = (8 * D + qkv + 4 * q + 3 * kv + 4 * mlp + 2 * heads * T) * c + heads * T
+    matmul_outputs = (D + qkv + 2 * mlp) * c  # q/k/v, o_proj, gate and up: what "dots" keeps
     per_token_saved = {
         "full": D * c,
-        "dots": (2 * D + qkv + 2 * mlp) * c,
+        "dots": D * c + matmul_outputs,
         "none": per_token_none,
     }[remat]
+    # Under "dots" the layer's backward reuses the saved matmul outputs instead of recomputing
+    # them: only the rest of a layer's working set is new.
+    per_token_layer = per_token_none - (matmul_outputs if remat == "dots" else 0)
     tokens = rows * T
     layer_weights = D * qkv + q * D + 3 * D * mlp  # one layer's matmul weights, after tensor split
     head_v = _split(V, t)
     positions = T if chunk is None else min(chunk, T)
     terms = {
         "saved_residuals": L * tokens * per_token_saved,
-        "layer_working_set": tokens * per_token_none,
+        "layer_working_set": tokens * per_token_layer,
         "gathered_weights": (2 * layer_weights * c) if fsdp > 1 else 0.0,
         "lm_head": 2 * rows * positions * head_v * 4 + D * head_v * (c + 4),
         "other": tokens * D * (c + 4) + rows * T * T,
