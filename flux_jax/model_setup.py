@@ -51,11 +51,14 @@ class ModelOptions:
 
     @property
     def attention_impl(self) -> str | None:
-        """The model's attention_impl. "auto": the splash kernel on TPU for standard rows, else
-        JAX's choice (cuDNN flash attention on NVIDIA GPUs where it applies, XLA otherwise)."""
+        """The model's attention_impl. "auto": the splash kernel on TPU for standard rows; on
+        GPUs JAX's choice (cuDNN flash attention where it applies, XLA otherwise); on CPU (and for
+        shared-prefix rows on TPU) our "xla" GQA einsums, faster on XLA:CPU than jax.nn's."""
         backend = jax.default_backend()
         if self.attention == "auto":
-            return "splash" if backend == "tpu" and not self.branch_masks else None
+            if backend == "gpu":
+                return None
+            return "splash" if backend == "tpu" and not self.branch_masks else "xla"
         if self.attention == "splash" and backend != "tpu":
             raise ValueError(
                 f"model.attention='splash' is the Pallas TPU kernel; this backend is {backend!r}. "
