@@ -310,8 +310,8 @@ def compiled_memory(compiled: Any) -> dict[str, int] | None:
 
 
 def resolved_attention(args: argparse.Namespace) -> str | None:
-    """--attention as the trainer resolves model.attention ("auto": splash on TPU for standard
-    rows, else JAX's choice)."""
+    """--attention as the trainer resolves model.attention (ModelOptions.attention_impl: "auto"
+    is splash on TPU for standard rows, JAX's choice on GPU, "xla" otherwise)."""
     from flux_jax.model_setup import ModelOptions
 
     return ModelOptions(

@@ -2,9 +2,10 @@
 
 Splash attention is the TPU flash-attention kernel that MaxText and Tunix use: it never builds the
 [T, T] logits in HBM and skips the fully masked blocks above the diagonal. Its mask is static
-(here causal) and-ed with per-token segment ids, which covers the standard and the packed layouts
-(segment 0 = padding attends to earlier padding, as in `layers.causal_segment_mask`). It cannot
-express the shared-prefix branch mask, so config validation refuses `prefix_sharing` with it.
+(here causal) and-ed with per-token segment ids, which covers the standard layout (segment 0 =
+padding attends to earlier padding, as in `layers.causal_segment_mask`). It cannot express the
+branch mask of the shared-prefix and packed layouts, so config validation refuses
+`prefix_sharing` and `packing` with it.
 
 The kernel works per example on [heads, T, head_dim]; it is vmapped over the batch and, on a
 mesh, run under `jax.shard_map` with the batch split over the data axes and the heads over the
