@@ -56,8 +56,11 @@ def test_grouped_query_attention_equals_jax_nn(heads, kv_heads, seq_q, seq_k, dt
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     out, ref = ours(q, k, v), reference(q, k, v)
     assert out.dtype == ref.dtype == dtype
-    np.testing.assert_allclose(np.float32(out), np.float32(ref), atol=tol)
+    # Scaled by the values' size (atol alone below 1): rounding grows with the summed terms.
+    scale = max(1.0, float(np.abs(np.float32(ref)).max()))
+    np.testing.assert_allclose(np.float32(out), np.float32(ref), atol=tol * scale)
     grads = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(q, k, v)
     ref_grads = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(q, k, v)
     for g, h in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(np.float32(g), np.float32(h), atol=tol * 4)
+        scale = max(1.0, float(np.abs(np.float32(h)).max()))
+        np.testing.assert_allclose(np.float32(g), np.float32(h), atol=tol * 4 * scale)

@@ -47,7 +47,8 @@ def test_export_then_transformers_logits_equal_ours(run_dir, tmp_path):
     ids = np.asarray([[5, 17, 99, 3, 250, 8]], np.int32)
     with torch.no_grad():
         ref = hf(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
-    assert np.max(np.abs(np.asarray(ours(ids)) - ref)) < 1e-4
+    # Logit rounding scales with the logits: 1e-4 absolute below 1, relative above.
+    assert np.max(np.abs(np.asarray(ours(ids)) - ref)) < 1e-4 * max(1.0, float(np.abs(ref).max()))
     # The exported weights are the trained ones, not the initial ones.
     meta = json.load(open(run_dir / "best" / "metadata" / "metadata.json"))
     assert meta["step"] >= 2

@@ -92,7 +92,8 @@ def test_remat_and_hidden_states_agree(hf_dir):
     np.testing.assert_allclose(a, b, atol=1e-6)
     hidden = plain(jnp.asarray(ids), attention_mask_BxT=jnp.asarray(mask), return_hidden=True)
     logits = np.asarray(hidden @ plain.lm_head_weight())
-    np.testing.assert_allclose(logits, a, atol=1e-5)
+    # hidden @ head outside the model vs inside it: rounding scales with the logits.
+    np.testing.assert_allclose(logits, a, atol=1e-5 * max(1.0, float(np.abs(a).max())))
 
 
 def test_sharded_checkpoint_loads(tmp_path):

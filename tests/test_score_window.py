@@ -78,8 +78,10 @@ def test_windowed_token_logprobs_equal_the_full_head(chunk):
         hidden, head, positions
     )
     assert float(jnp.abs(full_logps).min(where=mask == 1, initial=1.0)) > 0  # really scored
-    np.testing.assert_allclose(win_logps, full_logps, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(win, full, rtol=1e-6)
+    # Per-token log-probs round like the logits they come from: atol scales with their size.
+    token_atol = 1e-6 * float(jnp.abs(full_logps).max())
+    np.testing.assert_allclose(win_logps, full_logps, rtol=1e-5, atol=token_atol)
+    np.testing.assert_allclose(win, full, rtol=1e-5)  # a sum of many fp32 terms
     for a, b in zip(win_grads, full_grads, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6 * float(jnp.abs(b).max()))
 
@@ -96,7 +98,12 @@ def test_window_column_zero_and_unlisted_tokens_are_not_scored():
     assert float(jnp.abs(logps[:, 0]).max()) == 0.0
     dropped = int(scored_positions(mask, 10)[0, 1])
     assert float(logps[0, dropped]) == 0.0 and float(full[0, dropped]) != 0.0
-    np.testing.assert_allclose(logps.at[0, dropped].set(full[0, dropped]), full, atol=1e-6)
+    np.testing.assert_allclose(
+        logps.at[0, dropped].set(full[0, dropped]),
+        full,
+        rtol=1e-5,
+        atol=1e-6 * float(jnp.abs(full).max()),  # rounding scales with the largest log-prob
+    )
 
 
 def _examples(n: int, seed: int) -> list[PreferenceExample]:
@@ -146,13 +153,14 @@ def test_train_step_with_windows_equals_without(models, layout):
     assert width <= row // 2  # the head really ran on fewer positions
     (loss_w, metrics_w), grads_w = _loss_and_grads(graphdef, params, ref_params, windowed)
     (loss_p, metrics_p), grads_p = _loss_and_grads(graphdef, params, ref_params, plain)
-    np.testing.assert_allclose(loss_w, loss_p, rtol=1e-6)
+    # Sums of many fp32 terms: relative tolerances (kl, a mean of tiny k3 terms, keeps an atol).
+    np.testing.assert_allclose(loss_w, loss_p, rtol=1e-5)
     for key in ("chosen_logps", "rejected_logps", "kl", "sft_loss"):
-        np.testing.assert_allclose(metrics_w[key], metrics_p[key], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(metrics_w[key], metrics_p[key], rtol=1e-5, atol=1e-7)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_p))
     diff = max(
         float(jnp.abs(a - b).max())
         for a, b in zip(jax.tree.leaves(grads_w), jax.tree.leaves(grads_p), strict=True)
     )
     print(f"{layout}: W={width} of T={row}, loss {float(loss_w):.6f}, grad diff {diff / scale:.1e}")
-    assert diff <= 1e-6 * scale
+    assert diff <= 1e-5 * scale  # gradient entries sum over every position: ~N ulps of scale

@@ -58,7 +58,8 @@ def test_sequence_logprobs_match_transformers(tmp_path, chunk):
         ]
     )
     print(f"chunk={chunk}: max |logps - transformers| = {np.max(np.abs(ours - ref)):.2e}")
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    # Summed log-probs (|sum| ~ 50-80) from torch and XLA kernels: relative, as they vary by CPU.
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
 
 
 def _loss_and_grads(params, graphdef, batch, ref_params, settings):
@@ -107,8 +108,10 @@ def test_grad_accumulation_equals_full_batch(tiny_setup):
     acc_grads, (_, acc_metrics) = accumulate(params, batch)
     rel = _max_rel_diff(acc_grads, full_grads)
     print(f"4 x 2 accumulation vs batch of 8: max rel grad diff {rel:.2e}")
-    assert rel < 1e-6
-    np.testing.assert_allclose(acc_metrics["loss"], full_metrics["loss"], rtol=1e-6)
+    # Whole-model losses and gradients sum many fp32 terms in a different order: ~1e-7 per op,
+    # more on other CPUs' kernels. A real accumulation bug is off by O(1).
+    assert rel < 1e-5
+    np.testing.assert_allclose(acc_metrics["loss"], full_metrics["loss"], rtol=1e-5)
 
 
 def test_extra_padding_changes_nothing(tiny_setup):
@@ -118,8 +121,8 @@ def test_extra_padding_changes_nothing(tiny_setup):
     long = {k: jnp.asarray(v) for k, v in random_pair_batch(4, 20, seed=4, pad_to=37).items()}
     (loss_a, _), grads_a = _loss_and_grads(params, graphdef, short, ref_params, settings)
     (loss_b, _), grads_b = _loss_and_grads(params, graphdef, long, ref_params, settings)
-    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
-    assert _max_rel_diff(grads_b, grads_a) < 1e-6
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)  # other shapes, other kernels
+    assert _max_rel_diff(grads_b, grads_a) < 1e-5
 
 
 def test_chunked_equals_unchunked_in_the_step(tiny_setup):
@@ -131,7 +134,7 @@ def test_chunked_equals_unchunked_in_the_step(tiny_setup):
     (lb, _), gb = _loss_and_grads(
         params, graphdef, batch, ref_params, ts.DPOSettings(logprob_chunk_size=3)
     )
-    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
     assert _max_rel_diff(gb, ga) < 1e-5
 
 
@@ -139,8 +142,10 @@ def test_policy_equal_to_reference_gives_ln2(tiny_setup):
     graphdef, _, ref_params = tiny_setup
     batch = {k: jnp.asarray(v) for k, v in random_pair_batch(4, 20, seed=6).items()}
     (loss, metrics), _ = _loss_and_grads(ref_params, graphdef, batch, ref_params, ts.DPOSettings())
-    np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
-    assert abs(float(metrics["reward_margin"])) < 1e-6
+    # ln 2 and a zero margin, up to beta (0.1) x the rounding of four summed log-probs.
+    tol = 1e-7 * (abs(float(metrics["chosen_logps"])) + abs(float(metrics["rejected_logps"])))
+    np.testing.assert_allclose(loss, np.log(2.0), rtol=0, atol=tol)
+    assert abs(float(metrics["reward_margin"])) < tol
 
 
 def test_thirty_steps_learn_and_compile_once(tiny_setup):
@@ -185,7 +190,7 @@ def test_precomputed_and_reference_free(tiny_setup):
         ref_params=None,
         settings=ts.DPOSettings(),
     )
-    np.testing.assert_allclose(online, pre, rtol=1e-6)
+    np.testing.assert_allclose(online, pre, rtol=1e-5)  # reference log-probs from another program
     free, _ = ts.dpo_loss_fn(
         params,
         batch,
