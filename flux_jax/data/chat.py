@@ -10,14 +10,25 @@ When a rendered completion ends with the eos token text followed only by whitesp
 does for every completion. The scored sequence then ends at the eos a sampler stops on, exactly as
 for plain-string data, with one eos and no newline after it that the model would never generate.
 See `flux_jax.data.tokenization` for the whole convention.
+
+Roles: Qwen's templates (2.5, 3) render system, user and assistant messages, render "tool"
+messages as tool responses, and silently drop a message with any other role. So the roles data may
+use are those three, plus "tool" when the template names that role (`template_roles`). A template
+that refuses a conversation (`raise_exception`, e.g. Qwen3's "No user query found in messages")
+makes that record a bad record.
 """
 
 from __future__ import annotations
 
+import re
+
 from transformers import PreTrainedTokenizerBase
 
-from flux_jax.data.formats import ChatPair, Message, TextPair
+from flux_jax.data.formats import CHAT_ROLES, ChatPair, Message, TextPair
 from flux_jax.data.records import DataError
+
+# A template that compares a role with the literal 'tool' or "tool" renders tool messages.
+TOOL_ROLE_IN_TEMPLATE = re.compile(r"""(["'])tool\1""")
 
 
 def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -25,9 +36,18 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
         raise ValueError("the tokenizer has no chat_template, which chat-message data needs")
 
 
+def template_roles(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """The message roles the tokenizer's chat template renders (see the module docstring)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if not isinstance(template, str):  # a dict of named templates: look at all of them
+        template = " ".join(str(t) for t in dict(template).values())
+    return CHAT_ROLES + ("tool",) if TOOL_ROLE_IN_TEMPLATE.search(template) else CHAT_ROLES
+
+
 def render_chat_pair(pair: ChatPair, tokenizer: PreTrainedTokenizerBase) -> TextPair:
-    """The pair as text; raises DataError naming the record if the template misaligns."""
-    prompt = render(tokenizer, pair.prompt, add_generation_prompt=True)
+    """The pair as text; raises DataError naming the record if the template refuses the messages
+    or misaligns."""
+    prompt = render(tokenizer, pair, "prompt", pair.prompt, add_generation_prompt=True)
     return TextPair(
         prompt=prompt,
         chosen=completion_text(pair, "chosen", prompt, tokenizer),
@@ -42,7 +62,9 @@ def completion_text(
     pair: ChatPair, side: str, prompt: str, tokenizer: PreTrainedTokenizerBase
 ) -> str:
     messages: list[Message] = getattr(pair, side)
-    conversation = render(tokenizer, pair.prompt + messages, add_generation_prompt=False)
+    conversation = render(
+        tokenizer, pair, side, pair.prompt + messages, add_generation_prompt=False
+    )
     if not conversation.startswith(prompt):
         at = next(
             (i for i, (a, b) in enumerate(zip(prompt, conversation, strict=False)) if a != b),
@@ -65,10 +87,23 @@ def completion_text(
 
 
 def render(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, add_generation_prompt: bool
+    tokenizer: PreTrainedTokenizerBase,
+    pair: ChatPair,
+    field: str,
+    messages: list[Message],
+    *,
+    add_generation_prompt: bool,
 ) -> str:
-    text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=False
-    )
+    """`messages` rendered; a template error becomes a DataError naming the record and `field`."""
+    # Imported here: jinja2 is not a dependency of transformers, only of its chat templates.
+    import jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except jinja2.TemplateError as err:
+        reason = f"is refused by the chat template ({type(err).__name__}: {err})"
+        raise DataError(pair.source, pair.line, reason, field=field) from err
     assert isinstance(text, str), type(text)
     return text

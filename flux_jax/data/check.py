@@ -4,6 +4,11 @@ and what loading it for training would do, before any training starts.
 Bad records are counted as with on_bad_record="skip". Lengths are in tokens of the untruncated
 pairs (the completions include their eos); truncation counts apply the training convention at the
 given max_length and max_prompt_length.
+
+The report's "ok" is false when training with on_bad_record="error" would stop or have nothing to
+train on: any bad record, any damaged shard, or no valid pair. `flux-jax data check` then exits 1
+(after printing the whole report), so it can guard a data pipeline before a long run. Duplicate
+and identical pairs are reported but do not fail the check.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from flux_jax.data.loading import load_text_pairs
-from flux_jax.data.records import resolve_data_files
+from flux_jax.data.records import DEFAULT_MAX_RECORD_BYTES, resolve_data_files
 from flux_jax.data.tokenization import check_lengths, tokenize_pairs, truncate_example
 
 PERCENTILES = (50, 90, 99)
@@ -28,22 +33,43 @@ def data_check_report(
     data_format: str,
     max_length: int,
     max_prompt_length: int,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> dict[str, Any]:
-    """Counts, length percentiles and would-be truncation of the data at `path`, as plain JSON."""
+    """Counts, length percentiles and would-be truncation of the data at `path`, as plain JSON,
+    with "ok" and the "problems" that make it false."""
     check_lengths(max_length, max_prompt_length)
     files = resolve_data_files(path)
-    pairs, stats = load_text_pairs(path, tokenizer, data_format=data_format, on_bad_record="skip")
+    pairs, stats = load_text_pairs(
+        path,
+        tokenizer,
+        data_format=data_format,
+        on_bad_record="skip",
+        max_record_bytes=max_record_bytes,
+    )
     examples = tokenize_pairs(pairs, tokenizer)
     truncations = [truncate_example(e, max_length, max_prompt_length)[1] for e in examples]
+    problems = []
+    if stats.bad_records:
+        problems.append(f"{stats.bad_records} bad record(s)")
+    if stats.shards_cut_short:
+        problems.append(f"{stats.shards_cut_short} damaged shard(s)")
+    if not examples:
+        problems.append("no valid pairs")
     return {
         "path": str(path),
         "files": len(files),
         "data_format": data_format,
+        "ok": not problems,
+        "problems": problems,
         "records": stats.records_read,
         "pairs": len(examples),
         "bad_records": stats.bad_records,
         "bad_record_examples": stats.bad_record_examples,
+        "shards_cut_short": stats.shards_cut_short,
+        "shard_errors": stats.shard_errors,
         "identical_pairs": stats.identical_pairs,
+        "duplicate_pairs": stats.duplicate_pairs,
+        "duplicate_pair_examples": stats.duplicate_pair_examples,
         "tokens": {
             "prompt": length_summary([len(e.prompt_ids) for e in examples]),
             "chosen": length_summary([len(e.chosen_ids) for e in examples]),
@@ -81,8 +107,15 @@ def format_data_check_report(report: dict[str, Any]) -> str:
         f"  bad records      {report['bad_records']}",
     ]
     lines += [f"    {example}" for example in report["bad_record_examples"]]
+    if report["shards_cut_short"]:
+        lines.append(f"  damaged shards   {report['shards_cut_short']} (their rest is unreadable)")
+        lines += [f"    {error}" for error in report["shard_errors"]]
     if report["identical_pairs"]:
         lines.append(f"  chosen==rejected {report['identical_pairs']}")
+    if report["duplicate_pairs"]:
+        repeats = report["duplicate_pairs"]
+        lines.append(f"  duplicate pairs  {repeats} (same text as an earlier pair; kept)")
+        lines += [f"    {where}" for where in report["duplicate_pair_examples"]]
     lines.append("  tokens             p50     p90     p99     max")
     for name, summary in report["tokens"].items():
         values = "".join(f"{summary[key]:>8}" for key in ("p50", "p90", "p99", "max"))
@@ -93,4 +126,8 @@ def format_data_check_report(report: dict[str, Any]) -> str:
         f"{report['max_prompt_length']}: {cut['pairs']} of {pairs} pairs would be truncated "
         f"({cut['prompts']} prompts, {cut['responses']} responses)"
     )
+    if report["ok"]:
+        lines.append("data check: OK")
+    else:
+        lines.append(f"data check: FAILED ({', '.join(report['problems'])})")
     return "\n".join(lines)

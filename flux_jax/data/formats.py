@@ -15,6 +15,10 @@ in the whole text (TRL moves back only the space).
 
 Extra keys in a record are ignored, except a 'prompt' in implicit_prompt data, which is an error
 rather than silently lost. The prompt may be empty; chosen and rejected may not.
+
+A message's role must be one the chat template renders (`chat_roles`; see
+`flux_jax.data.chat.template_roles`): Qwen's templates silently drop a message with any other
+role, so a typo such as "wizard" would otherwise train on a conversation missing a turn.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from typing import Any, NoReturn
 from flux_jax.data.records import DataError, RawRecord, json_type_name
 
 DATA_FORMATS = ("preferences", "conversational", "implicit_prompt")
+
+# The roles every chat template renders; "tool" is added for templates that handle it.
+CHAT_ROLES = ("system", "user", "assistant")
 
 Message = dict[str, Any]
 
@@ -63,10 +70,13 @@ def check_data_format(data_format: str) -> None:
         )
 
 
-def parse_record(record: RawRecord, data_format: str) -> TextPair | ChatPair:
-    """Validate one record against `data_format`; raises DataError naming file, line and field."""
+def parse_record(
+    record: RawRecord, data_format: str, chat_roles: tuple[str, ...] = CHAT_ROLES
+) -> TextPair | ChatPair:
+    """Validate one record against `data_format`; raises DataError naming file, line and field.
+    Chat messages must have one of `chat_roles`."""
     check_data_format(data_format)
-    fields = FieldReader(record)
+    fields = FieldReader(record, chat_roles)
     if data_format == "preferences":
         return TextPair(
             prompt=fields.string("prompt", allow_empty=True),
@@ -137,8 +147,9 @@ def split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
 class FieldReader:
     """Typed access to one record's fields, raising DataErrors that name the field."""
 
-    def __init__(self, record: RawRecord):
+    def __init__(self, record: RawRecord, chat_roles: tuple[str, ...] = CHAT_ROLES):
         self.record = record
+        self.chat_roles = chat_roles
 
     def fail(self, field: str, reason: str) -> NoReturn:
         raise DataError(self.record.source, self.record.line, reason, field=field)
@@ -191,3 +202,6 @@ class FieldReader:
             if not isinstance(message[key], str):
                 found = json_type_name(message[key])
                 self.fail(f"{where}.{key}", f"has type {found}, expected a string")
+        if message["role"] not in self.chat_roles:
+            allowed = ", ".join(self.chat_roles)
+            self.fail(f"{where}.role", f"is {message['role']!r}; allowed roles: {allowed}")

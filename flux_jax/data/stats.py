@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Bad records and identical pairs each keep (and log) this many examples; the rest are counted.
+# Bad records, damaged shards, identical and duplicate pairs each keep (and log) this many
+# examples; the rest are counted.
 MAX_EXAMPLES = 10
 
 
@@ -14,14 +15,19 @@ class DataStats:
     """Counts from one `load_preference_examples` call.
 
     Every process parses and validates all records (so the shares are cut from the same list of
-    valid pairs) but tokenises only its share: records_read, bad_records, identical_pairs and
-    pairs_valid count the whole input; pairs_seen and the truncation counts this process's share.
+    valid pairs) but tokenises only its share: records_read, bad_records, shards_cut_short,
+    identical_pairs, duplicate_pairs and pairs_valid count the whole input; pairs_seen and the
+    truncation counts this process's share.
     """
 
     records_read: int = 0  # non-blank lines, valid or not
     bad_records: int = 0  # skipped with on_bad_record="skip"
     bad_record_examples: list[str] = field(default_factory=list)  # "file:line: reason"
+    shards_cut_short: int = 0  # damaged shards whose rest was skipped with on_bad_record="skip"
+    shard_errors: list[str] = field(default_factory=list)  # "file[:line]: reason"
     identical_pairs: int = 0  # chosen == rejected (kept, warned about)
+    duplicate_pairs: int = 0  # same prompt, chosen and rejected text as an earlier pair (kept)
+    duplicate_pair_examples: list[str] = field(default_factory=list)  # "file:line (= file:line)"
     pairs_valid: int = 0  # records that became pairs
     pairs_seen: int = 0  # pairs this process tokenised
     pairs_truncated: int = 0  # pairs with any part cut short
