@@ -1,15 +1,15 @@
 """From a config's model_path to a tokenizer and a policy model placed on the mesh.
 
 `model_path` is a local HF model directory, a Hugging Face hub id such as "Qwen/Qwen3-8B"
-(downloaded once through huggingface_hub's cache: safetensors, config and tokenizer files only), or
-"builtin:NAME" for a randomly initialised preset shape (the tiny demo model, benchmark shapes),
-whose parameters are created directly on their shardings.
+(downloaded once through huggingface_hub's cache: safetensors, config and tokenizer files only;
+see model_source.py for which spellings are hub ids), or "builtin:NAME" for a randomly
+initialised preset shape (the tiny demo model, benchmark shapes), whose parameters are created
+directly on their shardings.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -18,12 +18,12 @@ from jax.sharding import Mesh
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from flux_jax.hf_io import as_dtype, load_pretrained
+from flux_jax.model_source import resolve_model_dir
 from flux_jax.models.qwen.model import QwenForCausalLM, build_model
 from flux_jax.models.qwen.presets import PRESETS
 from flux_jax.sharding import batch_sharding, state_shardings
 
 BUILTIN_PREFIX = "builtin:"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,35 +71,14 @@ def is_builtin(model_path: str) -> bool:
     return model_path.startswith(BUILTIN_PREFIX)
 
 
-def resolve_model_dir(model_path: str) -> str:
-    """A local directory holding the HF checkpoint named by model_path (a dir or a hub id)."""
-    if os.path.isdir(model_path):
-        return model_path
-    if os.path.exists(model_path):
-        raise NotADirectoryError(f"model_path {model_path!r} is a file; expected a model directory")
-    if model_path.count("/") != 1 or model_path.startswith((".", "/")):
-        raise FileNotFoundError(
-            f"model_path {model_path!r}: no such directory, and not a hub id like 'Qwen/Qwen3-8B'"
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(model_path, allow_patterns=HUB_PATTERNS)
-    except Exception as e:  # offline, gated, or a typo: say which model and why
-        raise FileNotFoundError(
-            f"model_path {model_path!r} is not a local directory and could not be fetched from the "
-            f"Hugging Face hub ({type(e).__name__}: {e}). Download it elsewhere and pass its "
-            "directory."
-        ) from e
-
-
 def load_tokenizer(model_path: str, tokenizer_path: str = "") -> PreTrainedTokenizerBase:
     source = tokenizer_path or model_path
     if is_builtin(source):
         from flux_jax.tiny_tokenizer import build_tiny_tokenizer
 
         return build_tiny_tokenizer()
-    return AutoTokenizer.from_pretrained(resolve_model_dir(source))
+    setting = "tokenizer_path" if tokenizer_path else "model_path"
+    return AutoTokenizer.from_pretrained(resolve_model_dir(source, setting))
 
 
 def _builtin_preset(model_path: str):

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from transformers import PreTrainedTokenizerBase
 
-from flux_jax.generation import kv_cache
+from flux_jax.generation import budget, kv_cache
 from flux_jax.generation.kv_cache import DecoderSpec, KVCache, Params
 from flux_jax.generation.sampling import next_token
 from flux_jax.models.qwen.model import QwenForCausalLM
@@ -220,7 +220,12 @@ def generate(
     top_k (0 = off) and top_p (1 = off), from `jax.random.key(seed)`: the same seed, prompts and
     settings give the same tokens. A row ends at its first token in `eos_token_ids` (default: the
     model config's eos ids; pass () to never stop early), which is kept in its output.
+
+    Raises ValueError before allocating anything when the longest prompt plus max_new_tokens
+    exceeds the model's max_position_embeddings, or the KV cache would not fit in memory.
     """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
+        raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
@@ -243,6 +248,16 @@ def generate(
     ids_BxP, num_pad_B = left_pad(prompts, pad_token_id, width)
     split = _batch_split(mesh, batch) if mesh is not None else None
     cache_sharding = _cache_sharding(mesh, params, batch)
+    # Before anything is allocated: a huge max_new_tokens must be a clear error, not an OOM.
+    budget.check_positions(model.config, max(len(p) for p in prompts), max_new_tokens)
+    budget.check_kv_cache_fits(
+        model.config,
+        batch=batch,
+        prompt_width=width,
+        max_new_tokens=max_new_tokens,
+        dtype=spec.compute_dtype,
+        sharding=cache_sharding,
+    )
 
     num_pad_B = _place(num_pad_B, mesh, split)
     logits_BxV, cache = prefill(

@@ -102,8 +102,7 @@ class QwenConfig:
             )
         _refuse_unsupported(hf)
         heads = hf["num_attention_heads"]
-        rope = hf.get("rope_parameters") or {}
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+        rope_theta = effective_rope_parameters(hf).get("rope_theta", hf.get("rope_theta", 10_000.0))
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
         return cls(
@@ -187,11 +186,7 @@ def _refuse_unsupported(hf: dict[str, Any]) -> None:
     other = sorted({t for t in layer_types if t != "full_attention"})
     if other and not any("use_sliding_window" in p for p in problems):
         problems.append(f"layer_types {other} are not implemented (only full_attention)")
-    rope = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        problems.append(f"rope scaling type {rope_type!r} is not implemented (only 'default')")
+    problems += _rope_problems(hf)
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r} is not implemented (only 'silu')")
     if hf.get("model_type") == "qwen3" and hf.get("attention_bias"):
@@ -200,3 +195,40 @@ def _refuse_unsupported(hf: dict[str, Any]) -> None:
         problems.append("mixture-of-experts layers (num_experts) are not implemented")
     if problems:
         raise UnsupportedConfigError("unsupported config: " + "; ".join(problems))
+
+
+def effective_rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE parameters transformers 5 computes with: `rope_scaling` (the 4.x key) when it is
+    set, else `rope_parameters` (transformers' `convert_rope_params_to_dict` does the same)."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    return dict(rope) if isinstance(rope, dict) else {}
+
+
+def _rope_problems(hf: dict[str, Any]) -> list[str]:
+    """Why this config's rotary embedding is not the plain one we compute, if it is not."""
+    params, scaling = hf.get("rope_parameters"), hf.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            return [f"{key}={value!r} is not a mapping"]
+    if params and scaling and scaling != params:
+        # transformers 5 replaces rope_parameters by rope_scaling (and then takes rope_theta from
+        # the top level or its 10000 default), so the two keys describe different models.
+        return [
+            f"rope_scaling={scaling!r} beside rope_parameters={params!r}: transformers 5 computes "
+            "with rope_scaling and ignores rope_parameters; remove rope_scaling (or set it to "
+            "null) if rope_parameters is what the model was trained with"
+        ]
+    rope = effective_rope_parameters(hf)
+    source = "rope_scaling" if scaling else "rope_parameters"
+    if any(isinstance(v, dict) for v in rope.values()):
+        return [f"{source} per layer type ({sorted(rope)}) is not implemented"]
+    problems = []
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type != "default":
+        problems.append(
+            f"{source} rope_type {rope_type!r} (RoPE scaling) is not implemented (only 'default')"
+        )
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial is not None and float(partial) != 1.0:
+        problems.append(f"partial_rotary_factor={partial} is not implemented (only 1.0)")
+    return problems
