@@ -7,12 +7,20 @@ On disk (orbax writes every array; each directory is an orbax checkpoint):
                                  /metadata/metadata.json   step, wall time, the caller's metadata
     output_dir/best/params/                           the parameters only
                    /metadata/metadata.json            step, metric, hf_config, model/tokenizer path
+    output_dir/model_assets/                          config + tokenizer files (model_assets.py),
+                                                      named in each metadata.json by a path
+                                                      relative to the checkpoint
 
 Nothing is ever half-visible. Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames
 it to `<step>` only once every item (and every process) has finished; `latest_step()` lists only
 renamed steps and the leftovers of a crash are deleted when the next `TrainCheckpointer` opens the
 directory. `best` is written whole into a staging directory and then swapped in by renames; a
 crash between the two renames is repaired by the next reader (`_recover_best_swap`).
+
+Damage: `restore_latest` tries the newest step first and, if it cannot be read (a truncated file,
+a missing item), warns and falls back to the next older one; the steps it skipped are renamed to
+`<step>.damaged` (kept for inspection, out of the way of the next save of that step). A save that
+fails (disk full, file-size limit) raises `CheckpointSaveError` naming its step and the OS cause.
 
 Restores read orbax's tree metadata first and compare it with the caller's abstract target, so a
 checkpoint of another model shape fails with `CheckpointMismatchError` naming the parameters,
@@ -32,13 +40,20 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from flux_jax.checkpoint_errors import (
+    CheckpointMismatchError,
+    CheckpointRestoreError,
+    CheckpointSaveError,
+    describe_error,
+)
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -47,46 +62,8 @@ STATE, DATA, METADATA, PARAMS = "state", "data", "metadata", "params"
 METADATA_FILE = "metadata.json"
 _STAGING_SUFFIX = ".staging"  # best: written whole here first
 _OLD_SUFFIX = ".old"  # best: the previous one, for the instant between the two renames
-_MAX_LISTED = 25  # per category in a mismatch message
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's arrays do not fit the target tree: other shapes, or missing/extra paths."""
-
-    def __init__(
-        self,
-        path: str,
-        mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]],
-        missing: Sequence[str],
-        extra: Sequence[str],
-    ):
-        self.path = path
-        self.mismatched = list(mismatched)  # (path, saved shape, expected shape)
-        self.missing = list(missing)  # expected by the target, absent from the checkpoint
-        self.extra = list(extra)  # in the checkpoint, absent from the target
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        lines = [
-            f"checkpoint {self.path} does not match the model it is loaded into: "
-            f"{len(self.mismatched)} shape mismatches, {len(self.missing)} missing, "
-            f"{len(self.extra)} extra (is the model config the one the checkpoint was saved with?)"
-        ]
-
-        def section(title: str, rows: list[str]) -> None:
-            if rows:
-                lines.append(f"  {title}:")
-                lines.extend(f"    {row}" for row in rows[:_MAX_LISTED])
-                if len(rows) > _MAX_LISTED:
-                    lines.append(f"    ... and {len(rows) - _MAX_LISTED} more")
-
-        section(
-            "shape mismatches (path: saved shape -> expected shape)",
-            [f"{p}: {s} -> {e}" for p, s, e in self.mismatched],
-        )
-        section("missing from the checkpoint", self.missing)
-        section("in the checkpoint but not in the model", self.extra)
-        return "\n".join(lines)
+_DAMAGED_SUFFIX = ".damaged"  # a step directory that failed to restore, set aside
+MODEL_ASSETS_KEY = "model_assets"  # metadata: the run's config/tokenizer dir, relative to the ckpt
 
 
 # -- tree comparison ----------------------------------------------------------------------------
@@ -174,6 +151,8 @@ class TrainCheckpointer:
                 METADATA: _metadata_handler(),
             },
         )
+        self._async = async_save
+        self._in_flight: int | None = None  # the step an async save is still writing
 
     def save(
         self,
@@ -189,19 +168,32 @@ class TrainCheckpointer:
         A step that is already saved is not saved again (returns False). `metadata` (JSON-able,
         e.g. model_path, hf_config, flux_config) is stored beside the step and wall time and
         comes back from `read_metadata(step_dir)`.
+
+        Raises CheckpointSaveError if this save fails or if the previous (background) one did:
+        the error names the step whose save failed and the OS cause (e.g. disk full).
         """
         if not force and step % self.save_interval_steps:
             return False
+        self.wait_until_finished()  # the previous save's error is that save's, not this one's
         if step in self.all_steps():
             return False
         meta = _json_copy({**(metadata or {}), "step": int(step), **_wall_time()})
+        meta = _paths_relative_to(self.step_dir(step), meta)
         items: dict[str, Any] = {
             STATE: ocp.args.StandardSave(state),
             METADATA: ocp.args.JsonSave(meta),
         }
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._in_flight = step
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            self._in_flight = None
+            raise self._save_error(step, e) from e
+        if not self._async:
+            self._in_flight = None
+        return saved
 
     def restore(
         self, step: int | None = None, *, abstract_state: PyTree, data_iterator: Any = None
@@ -220,6 +212,8 @@ class TrainCheckpointer:
             )
         _check_shardings(abstract_state)
         step_dir = self.step_dir(step)
+        if not os.path.isdir(os.path.join(step_dir, STATE)):
+            raise FileNotFoundError(f"{os.path.join(step_dir, STATE)} does not exist")
         saved = self._manager.metadata(step).item_metadata[STATE]
         check_compatible(step_dir, getattr(saved, "tree", saved), abstract_state)
         items: dict[str, Any] = {STATE: ocp.args.StandardRestore(abstract_state)}
@@ -229,6 +223,75 @@ class TrainCheckpointer:
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE]
+
+    def restore_latest(
+        self, abstract_state: PyTree, *, data_iterator: Any = None
+    ) -> tuple[int, PyTree] | None:
+        """(step, state) of the newest step that restores; None if there is no checkpoint.
+
+        A step that cannot be read (truncated or missing files: a crash or a full disk while it
+        was copied, a damaged disk) is logged as a WARNING naming its directory and the cause,
+        and the next older step is tried. The skipped steps are then renamed to
+        `<step>.damaged`, so the run can save those step numbers again. CheckpointMismatchError
+        (a checkpoint of another model) is a configuration error and is raised, not skipped;
+        CheckpointRestoreError lists every step's cause when none restores.
+
+        `data_iterator` is moved to the restored step's position. A failed attempt may have
+        moved it already (orbax restores the data item before the state); the successful
+        restore sets its whole state again, so no trace of a failed attempt remains.
+        """
+        failures: list[tuple[str, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state = self.restore(
+                    step, abstract_state=abstract_state, data_iterator=data_iterator
+                )
+                error = None
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # damage of any kind: orbax, tensorstore, json, missing files
+                error = e
+            cause = describe_error(error) if error is not None else ""
+            if not _all_processes_succeeded(error is None):
+                cause = cause or "restored here, but failed on another process"
+                log.warning(
+                    "checkpoint %s could not be restored (%s); trying the previous one",
+                    self.step_dir(step),
+                    cause,
+                )
+                failures.append((self.step_dir(step), cause))
+                continue
+            if failures:
+                self._set_aside([path for path, _ in failures])
+            return step, state
+        if failures:
+            raise CheckpointRestoreError(self.directory, failures)
+        return None
+
+    def _set_aside(self, step_dirs: list[str]) -> None:
+        """Renames damaged step directories to `<step>.damaged`: kept, but no longer a step."""
+        if jax.process_index() == 0:
+            for path in step_dirs:
+                target, n = path + _DAMAGED_SUFFIX, 1
+                while os.path.exists(target):
+                    target, n = f"{path}{_DAMAGED_SUFFIX}.{n}", n + 1
+                os.rename(path, target)
+                log.warning(
+                    "moved the damaged checkpoint %s to %s (delete it when done)", path, target
+                )
+        _barrier("flux_jax_damaged_steps_set_aside")
+        self._manager.reload()
+
+    def _save_error(self, step: int | None, cause: BaseException) -> CheckpointSaveError:
+        good = [s for s in self.all_steps() if s != step]
+        advice = (
+            f"the last complete checkpoint is {self.step_dir(good[-1])}: free space and rerun "
+            "the same command to resume from it"
+            if good
+            else "no complete checkpoint exists yet"
+        )
+        where = self.step_dir(step) if step is not None else f"a checkpoint in {self.directory}"
+        return CheckpointSaveError(where, cause, advice=advice)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -240,13 +303,25 @@ class TrainCheckpointer:
         return os.path.join(self.directory, str(step))
 
     def wait_until_finished(self) -> None:
-        """Blocks until a background save is on disk and committed."""
-        self._manager.wait_until_finished()
+        """Blocks until a background save is on disk and committed.
+
+        Raises CheckpointSaveError if that save failed (once: orbax reports a failed save to
+        the first wait only); its partial files stay in a temporary directory that the next
+        TrainCheckpointer removes.
+        """
+        step, self._in_flight = self._in_flight, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(step, e) from e
 
     def close(self) -> None:
-        """Waits for the last save, then releases orbax's threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the last save (raising CheckpointSaveError if it failed), then releases
+        orbax's threads."""
+        try:
+            self.wait_until_finished()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> TrainCheckpointer:
         return self
@@ -288,16 +363,20 @@ def save_best(
             **_wall_time(),
         }
     )
+    meta = _paths_relative_to(best, meta)
     handler = ocp.CompositeCheckpointHandler(
         **{PARAMS: ocp.StandardCheckpointHandler(), METADATA: _metadata_handler()}
     )
-    with ocp.Checkpointer(handler) as checkpointer:
-        checkpointer.save(
-            staging,
-            args=ocp.args.Composite(
-                **{PARAMS: ocp.args.StandardSave(params), METADATA: ocp.args.JsonSave(meta)}
-            ),
-        )
+    try:
+        with ocp.Checkpointer(handler) as checkpointer:
+            checkpointer.save(
+                staging,
+                args=ocp.args.Composite(
+                    **{PARAMS: ocp.args.StandardSave(params), METADATA: ocp.args.JsonSave(meta)}
+                ),
+            )
+    except Exception as e:  # the previous best is untouched; the next save_best clears staging
+        raise CheckpointSaveError(best, e, advice="the previous best (if any) is unchanged") from e
     if main:
         # os.rename cannot replace a non-empty directory, so: best -> best.old, staging -> best.
         # Readers between the two renames find best.old and put it back (_recover_best_swap).
@@ -326,7 +405,14 @@ def load_params(path: str | os.PathLike, abstract_params: PyTree) -> PyTree:
             f"{path} is not a flux_jax checkpoint: expected OUTPUT_DIR/best (with {PARAMS}/) or "
             f"a step directory OUTPUT_DIR/checkpoints/<step> (with {STATE}/)"
         )
-    handler = ocp.CompositeCheckpointHandler(**{item: ocp.PyTreeCheckpointHandler()})
+    # Every item of the directory gets its handler: orbax warns about each one it cannot read.
+    handler = ocp.CompositeCheckpointHandler(
+        **{
+            item: ocp.PyTreeCheckpointHandler(),
+            METADATA: _metadata_handler(),
+            DATA: grain.checkpoint.CheckpointHandler(),
+        }
+    )
     with ocp.Checkpointer(handler) as checkpointer:
         saved = checkpointer.metadata(path).item_metadata[item].tree
         if item == STATE and PARAMS not in saved:
@@ -384,6 +470,43 @@ def _wall_time() -> dict[str, Any]:
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def _all_processes_succeeded(ok: bool) -> bool:
+    """True only if `ok` on every process: all fall back together, or none does."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _paths_relative_to(directory: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The model-assets path stored relative to the checkpoint: a moved output_dir still works."""
+    path = meta.get(MODEL_ASSETS_KEY)
+    if isinstance(path, str) and os.path.isabs(path):
+        meta = {**meta, MODEL_ASSETS_KEY: os.path.relpath(path, directory)}
+    return meta
+
+
+def model_assets_dir(checkpoint: str | os.PathLike, meta: dict[str, Any]) -> str | None:
+    """The run's saved config/tokenizer directory a checkpoint refers to, or None.
+
+    None for checkpoints saved before runs kept their assets, and (with a WARNING) when the
+    directory is gone, e.g. `best/` was copied away from its output_dir.
+    """
+    rel = meta.get(MODEL_ASSETS_KEY)
+    if not rel:
+        return None
+    path = os.path.normpath(os.path.join(os.path.abspath(os.fspath(checkpoint)), rel))
+    if not os.path.isdir(path):
+        log.warning(
+            "%s: its model config and tokenizer were saved in %s, which does not exist (copy "
+            "the whole output_dir, not only the checkpoint); using model_path %r instead",
+            checkpoint,
+            path,
+            meta.get("model_path"),
+        )
+        return None
+    return path
 
 
 # -- preemption -----------------------------------------------------------------------------------

@@ -2,16 +2,25 @@
 
 Only the main process writes (the trainer passes enabled=False elsewhere). One line of
 metrics.jsonl per logged step: {"step": ..., "split": "train" | "eval", metric: value, ...}.
+
+A run that starts at step S (a resume, or a restart after a crash before the first checkpoint)
+first drops the lines past S that an interrupted run left, so each step appears once; TensorBoard
+is told the same (`purge_step`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
 import time
 from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
@@ -40,11 +49,23 @@ class MetricsLog:
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        path = os.path.join(output_dir, METRICS_FILE)
+        dropped = drop_lines_after(path, start_step)
+        if dropped:
+            log.info(
+                "%s: dropped %d lines past step %d (a run interrupted there)",
+                path,
+                dropped,
+                start_step,
+            )
+        self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            # Events at or after purge_step from an earlier, interrupted run are hidden.
+            self._tb = SummaryWriter(
+                os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1
+            )
         if progress_bar:
             from tqdm import tqdm
 
@@ -102,6 +123,34 @@ class MetricsLog:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def drop_lines_after(path: str, step: int) -> int:
+    """Rewrites metrics.jsonl without its lines past `step`; returns how many it dropped.
+
+    Atomic (a temporary file renamed over the old one), so a crash leaves either file whole.
+    A line that does not parse (cut short by a kill) is dropped too: appending after it would
+    glue the next record onto it.
+    """
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                keep = line.endswith("\n") and int(json.loads(line)["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
 
 
 SUMMARY_KEYS = ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")
