@@ -8,15 +8,43 @@ flux-jax export --checkpoint OUTPUT_DIR/best --out HF_DIR [--dtype bfloat16]
 flux-jax generate --checkpoint DIR (--prompt TEXT ... | --prompts FILE) [--compare-base]
 flux-jax plan --config FILE [--device h100] [--devices N]
 flux-jax plot OUTPUT_DIR
+
+Errors the user can fix (flux_jax.errors: a bad config or command line, a missing or malformed
+data file, model dir or checkpoint, an output_dir another run holds, a run stopped by a NaN loss)
+print one `flux-jax: error: ...` message, without a traceback, and exit with 2 (command line or
+config) or 1 (the run could not start or stopped). Anything else is a bug and keeps its traceback.
+`--debug` (anywhere on the line) or FLUX_DEBUG=1 shows the traceback of every error. Path
+arguments have `~` and `$VARS` expanded, as in a shell, also when quoted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 
+from flux_jax import errors
+
+log = logging.getLogger("flux_jax.cli")
+
 CONFIG_OVERRIDE = "--config."
+DEBUG_FLAG = "--debug"
+# argparse destinations holding file system paths: `~` and `$VAR` are expanded in them.
+PATH_ARGS = (
+    "config",
+    "data",
+    "eval_data",
+    "checkpoint",
+    "out",
+    "prompts",
+    "json",
+    "output_dir",
+    "file",
+    "tokenizer",
+    "base_model",
+)
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -28,7 +56,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             key_value = arg[len(CONFIG_OVERRIDE) :]
             if "=" not in key_value:
                 if i + 1 >= len(argv):
-                    raise SystemExit(f"flux-jax: {arg} needs a value")
+                    raise errors.UsageError(f"{arg} needs a value")
                 key_value, i = f"{key_value}={argv[i + 1]}", i + 1
             overrides.append(key_value)
         else:
@@ -47,6 +75,9 @@ def _load_config(path: str | None, overrides: list[str]):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux-jax", description="DPO for Qwen in JAX")
+    parser.add_argument(
+        DEBUG_FLAG, action="store_true", help="show the traceback of errors (or FLUX_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train with DPO (no --config: the embedded tiny demo)")
@@ -61,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True)
     ev.add_argument("--format", choices=["preferences", "conversational", "implicit_prompt"])
     ev.add_argument("--json", help="write the metrics here (default: CHECKPOINT/eval.json)")
+    ev.add_argument("--base-model", help="the reference model, if not the run's model_path")
 
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -70,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--format", default="preferences")
     check.add_argument("--max-length", type=int, default=1024)
     check.add_argument("--max-prompt-length", type=int, default=512)
+    check.add_argument("--max-record-bytes", type=int, help="longest JSONL line read (bytes)")
 
     export = sub.add_parser("export", help="write a checkpoint as a Hugging Face model")
     export.add_argument("--checkpoint", required=True)
@@ -83,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     prompts.add_argument("--prompts", help="a file with one prompt per line")
     gen.add_argument("--compare-base", action="store_true", help="also print the base model's")
+    gen.add_argument("--base-model", help="with --compare-base: the base, if not model_path")
     gen.add_argument("--max-new-tokens", type=int)
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-k", type=int)
@@ -100,34 +134,128 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    import logging
+def _debug_requested(argv: list[str]) -> bool:
+    flag = os.environ.get("FLUX_DEBUG", "").strip().lower()
+    return DEBUG_FLAG in argv or flag not in ("", "0", "false", "no", "off")
 
+
+def _expand_paths(args: argparse.Namespace) -> None:
+    """`~` and `$VAR` in path arguments expanded in place; an unset variable is a usage error."""
+    from flux_jax.config import expand_path
+
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            try:
+                setattr(args, name, expand_path(value))
+            except ValueError as e:
+                flag = name if name == "output_dir" else "--" + name.replace("_", "-")
+                raise errors.UsageError(f"{flag}: {e}") from None
+
+
+def _say_what_trains(config, args: argparse.Namespace) -> None:
+    """One line when the run uses the builtin model or the bundled data: friendly for the demo
+    (no --config), a warning when a config file left model_path or the data unset."""
+    from flux_jax.model_setup import is_builtin
+
+    data = args.data or config.data.train_path
+    builtin = is_builtin(config.model_path)
+    if args.config is None:
+        if not builtin:
+            return
+        which = "flux-jax demo" if args.command == "demo" else "flux-jax train (no --config)"
+        steps = f"{config.num_steps} step{'s' if config.num_steps != 1 else ''}"
+        print(
+            f"{which}: training the builtin tiny Qwen3 ({config.model_path}, random weights, "
+            f"nothing downloaded) on {data or 'the bundled demo pairs'} for {steps}; output in "
+            f"{config.output_dir}. "
+            f"For your own model and data: flux-jax train --config FILE (see configs/)",
+            flush=True,
+        )
+        return
+    if builtin:
+        log.warning(
+            "%s: model_path is %s (the default when a config sets none): training the builtin "
+            "tiny Qwen3 with random weights, not a real model; set model_path to an HF model "
+            "directory or hub id",
+            args.config,
+            config.model_path,
+        )
+    if not data:
+        log.warning(
+            "%s: no training data (data.train_path, or --data): training on the bundled demo "
+            "pairs (and evaluating on their bundled eval split unless data.eval_path is set)",
+            args.config,
+        )
+
+
+def _library_tracebacks_off(record: logging.LogRecord) -> bool:
+    """Keeps a library's log record but drops its traceback (--debug keeps them).
+
+    A failed background save (disk full) makes orbax's and tensorstore's threads log hundreds of
+    traceback lines; the cause reaches the user as our one `flux-jax: error:` line instead.
+    """
+    if not record.name.startswith("flux_jax"):
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one `flux-jax` command; returns its exit code (errors: see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    argv = [a for a in argv if a != DEBUG_FLAG]
     # Our own progress at INFO; libraries (absl/orbax, jax) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("flux_jax").setLevel(logging.INFO)
-    overrides, argv = _split_overrides(list(sys.argv[1:] if argv is None else argv))
+    if not debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_library_tracebacks_off)
+    try:
+        return _run_command(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("flux-jax: interrupted", file=sys.stderr, flush=True)
+        return errors.EXIT_INTERRUPTED
+    except Exception as error:
+        if debug or not errors.is_user_error(error):
+            raise
+        print(errors.error_message(error), file=sys.stderr, flush=True)
+        return errors.exit_code_of(error)
+
+
+def _run_command(argv: list[str]) -> int:
+    overrides, argv = _split_overrides(argv)
     args = _parser().parse_args(argv)
     if overrides and args.command not in ("train", "demo", "plan"):
-        raise SystemExit(f"flux-jax {args.command}: --config.* only applies to train, demo, plan")
+        raise errors.UsageError(
+            f"flux-jax {args.command}: --config.* only applies to train, demo, plan"
+        )
+    _expand_paths(args)
     from flux_jax import commands
 
     if args.command in ("train", "demo"):
-        config = _load_config(getattr(args, "config", None), overrides)
+        if args.command == "demo":
+            args.config = args.data = args.eval_data = args.format = None
+        config = _load_config(args.config, overrides)
+        _say_what_trains(config, args)
         result = commands.train(
-            config,
-            data=getattr(args, "data", None),
-            eval_data=getattr(args, "eval_data", None),
-            data_format=getattr(args, "format", None),
+            config, data=args.data, eval_data=args.eval_data, data_format=args.format
         )
-        return 0 if result.final_loss == result.final_loss else 1  # NaN loss fails the command
+        if result.final_loss != result.final_loss:
+            raise errors.UserError("the run finished without a single finite loss")
+        return 0
     if args.command == "eval":
-        metrics = commands.evaluate(args.checkpoint, args.data, args.format, args.json)
+        metrics = commands.evaluate(
+            args.checkpoint, args.data, args.format, args.json, base_model=args.base_model
+        )
         print(json.dumps(metrics, indent=2))
         return 0
     if args.command == "data":
-        print(commands.data_check(args))
-        return 0
+        report, ok = commands.data_check(args)
+        print(report)
+        return 0 if ok else 1  # bad records or no pairs: fail a data pipeline's check step
     if args.command == "export":
         print(commands.export(args.checkpoint, args.out, args.dtype, args.max_shard_size))
         return 0

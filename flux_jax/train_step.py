@@ -251,6 +251,15 @@ def check_settings(settings: DPOSettings, has_ref_params: bool) -> None:
         raise ValueError("reference_free=False needs ref_params or precomputed ref log-probs")
 
 
+def keep_if_finite(finite: jax.Array, updated: PyTree, previous: PyTree) -> PyTree:
+    """`updated` where `finite` (a scalar bool) holds, else `previous`, leaf by leaf.
+
+    A select rather than lax.cond: it fuses into the elementwise update, and the donated buffers
+    stay in place.
+    """
+    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -260,6 +269,11 @@ def make_train_step(
     state_shardings: PyTree | None = None,
 ) -> Callable[..., tuple[dict[str, Any], dict[str, jax.Array]]]:
     """`step(state, batch, ref_params) -> (state, metrics)`, jitted, donating `state`.
+
+    A step whose loss or gradient norm is NaN/inf changes neither the parameters nor the
+    optimiser state (only `step` advances) and reports `nonfinite` = 1; what the run does next
+    is the trainer's policy (flux_jax.training_health). So no state that includes a non-finite
+    update ever exists, let alone gets saved.
 
     `ref_params` is None for reference-free training or when the batch carries precomputed
     reference log-probs. `state_shardings` pins the output state to the input's layout so the
@@ -282,6 +296,11 @@ def make_train_step(
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        params, opt_state = keep_if_finite(
+            finite, (params, opt_state), (state["params"], state["opt_state"])
+        )
+        metrics["nonfinite"] = (~finite).astype(jnp.float32)
         metrics["learning_rate"] = jnp.asarray(schedule(state["step"]), jnp.float32)
         metrics.update(batch_token_counts(batch))
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
