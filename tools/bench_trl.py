@@ -23,6 +23,14 @@ reference forward, backward, clipping, AdamW), the median after --warmup steps. 
 the real tokens of the batch (the attention mask's sum), as bench.py does; mfu uses the same
 flux_jax.flops count and a torch fp32 2048 x 2048 matmul peak measured in this run.
 
+`--data FILE --model-dir DIR` trains on a JSONL file ({prompt, chosen, rejected} strings) and a
+saved HF model directory (tools/make_length_mix.py writes both), tokenised by TRL itself with
+--max-length, --batch pairs per step, --sampling (TRL's train_sampling_strategy, default random:
+each batch padded to its own longest row), the reference online or --reference precomputed. It
+reports what tools/bench_file.py reports for flux_jax: step_time_s (median after --warmup),
+tokens_per_s, end_to_end_tokens_per_s, padded_fraction (1 - attention-mask sum / its size) and
+time_to_first_step_s (model load + train() to the end of step 1). It needs trl (no fallback).
+
 `--impl torch` (and the automatic fallback when trl does not import) runs a plain-torch
 re-implementation of TRL's step instead: one concatenated forward of chosen + rejected, the
 reference forward under no_grad, the sigmoid loss, clipping and AdamW. The JSON says which ran.
@@ -83,7 +91,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--impl", default="trl", choices=["trl", "torch"])
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    file_mode = parser.add_argument_group("training file mode (tools/bench_file.py's twin)")
+    file_mode.add_argument("--data", default="", help="JSONL of {prompt, chosen, rejected}")
+    file_mode.add_argument("--model-dir", default="", help="HF model dir with tokenizer files")
+    file_mode.add_argument("--max-length", type=int, default=1024)
+    file_mode.add_argument(
+        "--sampling",
+        default="random",
+        choices=["random", "group_by_length", "sequential"],
+        help="TRL's train_sampling_strategy (random is its default)",
+    )
+    args = parser.parse_args(argv)
+    if bool(args.data) != bool(args.model_dir):
+        parser.error("--data and --model-dir go together")
+    return args
 
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
@@ -136,10 +157,6 @@ def as_text(ids: np.ndarray) -> str:
 
 
 def run_trl(args, model, pairs_per_step, vocab_size) -> dict[str, Any]:
-    import datasets
-    import trl
-    from transformers import TrainerCallback
-
     records = [
         # The prompt ends with a space so that prompt + chosen splits into the same words.
         {
@@ -150,9 +167,30 @@ def run_trl(args, model, pairs_per_step, vocab_size) -> dict[str, Any]:
         for pairs in pairs_per_step
         for p in pairs
     ]
-    num_steps = len(pairs_per_step)
+    return train_trl(
+        args,
+        model,
+        records,
+        word_tokenizer(vocab_size),
+        num_steps=len(pairs_per_step),
+        max_length=args.prompt_len + args.response_len,
+        sampling="sequential",  # step i sees bench.py's batch i
+    )
+
+
+def train_trl(
+    args, model, records, tokenizer, *, num_steps: int, max_length: int, sampling: str
+) -> dict[str, Any]:
+    """TRL's DPOTrainer on `records` ({prompt, chosen, rejected} strings) for num_steps steps,
+    timing each step and counting the real and padded tokens it saw."""
+    import datasets
+    import trl
+    from transformers import TrainerCallback
+
     step_times: list[float] = []
+    step_ends: list[float] = []
     tokens: list[int] = []
+    computed: list[int] = []
 
     cpu_times: list[float] = []
 
@@ -161,12 +199,14 @@ def run_trl(args, model, pairs_per_step, vocab_size) -> dict[str, Any]:
             self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *_, **__):
-            step_times.append(time.perf_counter() - self.start)
+            step_ends.append(time.perf_counter())
+            step_times.append(step_ends[-1] - self.start)
             cpu_times.append(time.process_time() - self.cpu_start)
 
     class CountingDPOTrainer(trl.DPOTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             tokens.append(int(inputs["attention_mask"].sum()))
+            computed.append(int(inputs["attention_mask"].numel()))
             return super().training_step(model, inputs, num_items_in_batch)
 
     out_dir = tempfile.mkdtemp(prefix="bench_trl_")
@@ -182,8 +222,8 @@ def run_trl(args, model, pairs_per_step, vocab_size) -> dict[str, Any]:
         loss_type=["sigmoid"],
         precompute_ref_log_probs=args.reference == "precomputed",
         precompute_ref_batch_size=args.batch,
-        max_length=args.prompt_len + args.response_len,
-        train_sampling_strategy="sequential",  # step i sees bench.py's batch i
+        max_length=max_length,
+        train_sampling_strategy=sampling,
         gradient_checkpointing=args.gradient_checkpointing,
         use_cpu=True,
         bf16=args.bf16,
@@ -205,7 +245,7 @@ def run_trl(args, model, pairs_per_step, vocab_size) -> dict[str, Any]:
         ref_model=ref_model,
         args=config,
         train_dataset=datasets.Dataset.from_list(records),
-        processing_class=word_tokenizer(vocab_size),
+        processing_class=tokenizer,
         callbacks=[Timer()],
     )
     start = time.perf_counter()
@@ -221,6 +261,9 @@ def run_trl(args, model, pairs_per_step, vocab_size) -> dict[str, Any]:
         "cpu_times_s": cpu_times,
         "tokens_per_step_list": per_step,
         "train_call_s": total,
+        "train_to_first_step_s": step_ends[0] - start if step_ends else None,
+        "train_to_last_step_s": step_ends[-1] - start if step_ends else None,
+        "padded_fraction": 1 - sum(tokens) / sum(computed) if computed else None,
     }
 
 
@@ -293,10 +336,71 @@ def run_torch(args, model, pairs_per_step, vocab_size) -> dict[str, Any]:
     }
 
 
+def run_file(args: argparse.Namespace) -> dict[str, Any]:
+    """TRL on a JSONL file and a saved HF model dir, tokenised by TRL itself (--data mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import trl  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(
+            f"--data needs trl, which tokenises the file itself ({e}); make the virtualenv of "
+            "this module's docstring"
+        ) from e
+    start = time.perf_counter()
+    with open(args.data, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    init_s = time.perf_counter() - start
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON
+        result = train_trl(
+            args,
+            model,
+            records,
+            tokenizer,
+            num_steps=args.warmup + args.steps,
+            max_length=args.max_length,
+            sampling=args.sampling,
+        )
+    timed = result["step_times_s"][args.warmup :]
+    step_time = statistics.median(timed)
+    tokens_per_step = statistics.mean(result["tokens_per_step_list"][args.warmup :])
+    return {
+        "tool": "trl bench_trl --data",
+        "trl_version": result["trl_version"],
+        "data": args.data,
+        "model_dir": args.model_dir,
+        "reference": args.reference,
+        "sampling": args.sampling,
+        "batch_pairs": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "init_s": init_s,
+        "time_to_first_step_s": init_s + result["train_to_first_step_s"],
+        "step_time_s": step_time,
+        "step_times_s": result["step_times_s"],
+        "step_cpu_s": statistics.median(result["cpu_times_s"][args.warmup :]),
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": tokens_per_step / step_time,
+        "end_to_end_tokens_per_s": sum(result["tokens_per_step_list"])
+        / result["train_to_last_step_s"],
+        "padded_fraction": result["padded_fraction"],
+        "pairs_per_s": args.batch / step_time,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="bench_trl_ds_"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.data:
+        print(json.dumps(run_file(args), indent=1))
+        return
     presets = import_flux_pure("flux_jax.models.qwen.presets")
     flops = import_flux_pure("flux_jax.flops")
     name = MODEL_ALIASES.get(args.model, args.model)

@@ -17,7 +17,10 @@ The batch contract, for B pairs padded on the right to one bucket length T:
                                             W positions per row instead of T (flux_jax.logprobs)
 
 Chosen and rejected share T: the smallest bucket length >= the longest sequence of the batch, on
-either side. Only a few bucket lengths exist, so jit compiles only a few shapes. The pad id is
+either side. Only a few bucket lengths exist, so jit compiles only a few shapes: the trainer's
+default ladder (`geometric_bucket_lengths`) pads at most ~12% past a batch's longest row with 22
+lengths up to 1024 tokens; `default_bucket_lengths` (powers of two) is the coarse ladder of the
+standalone iterator and eval helpers. The pad id is
 never used to find padding: segment_ids says what is real.
 """
 
@@ -46,6 +49,39 @@ def default_bucket_lengths(max_length: int, min_length: int = 64) -> tuple[int, 
         lengths.append(length)
         length *= 2
     return (*lengths, max_length)
+
+
+# The trainer's default ladder (data.bucket_ratio, data.bucket_multiple): each bucket at most
+# 12.5% longer than the one before, so a batch pads at most ~12% past its longest row, in steps
+# of 32 tokens. From 64 to max_length that is 22 lengths for 1024, 28 for 2048, 34 for 4096
+# (each compiles into at most len(SCORE_WINDOW_FRACTIONS) + 1 step shapes).
+DEFAULT_BUCKET_RATIO = 1.125
+DEFAULT_BUCKET_MULTIPLE = 32
+
+
+def geometric_bucket_lengths(
+    max_length: int,
+    *,
+    ratio: float = DEFAULT_BUCKET_RATIO,
+    multiple: int = DEFAULT_BUCKET_MULTIPLE,
+    min_length: int = 64,
+) -> tuple[int, ...]:
+    """min_length, then each length the one before x `ratio` rounded down to a multiple of
+    `multiple` (but at least `multiple` more), ending with max_length itself.
+
+    Below multiple / (ratio - 1) tokens the steps are `multiple` tokens (ratio > 1 + step);
+    above it, ratio at most. ratio 2 with multiple 64 gives the powers of two from 64.
+    """
+    if max_length < 1 or min_length < 1 or multiple < 1 or not ratio >= 1:
+        raise ValueError(
+            f"need positive lengths, multiple >= 1 and ratio >= 1, got {max_length=}, "
+            f"{min_length=}, {multiple=}, {ratio=}"
+        )
+    lengths = [min(min_length, max_length)]
+    while lengths[-1] < max_length:
+        grown = int(lengths[-1] * ratio) // multiple * multiple
+        lengths.append(min(max(grown, lengths[-1] + multiple), max_length))
+    return tuple(lengths)
 
 
 def check_bucket_lengths(bucket_lengths: Sequence[int], max_length: int) -> tuple[int, ...]:
@@ -161,3 +197,12 @@ def pad_side(
         "segment_ids": segment_ids_BxT,
         "positions": positions_BxT,
     }
+
+
+def real_and_computed_tokens(batch: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(real tokens, computed tokens) of a batch in any layout: the non-zero entries and the size
+    of its segment-id arrays. 1 - real / computed is the batch's padded-token fraction."""
+    segments = [value for key, value in batch.items() if key.endswith("segment_ids")]
+    if not segments:
+        raise ValueError(f"not a batch: no *segment_ids among {sorted(batch)}")
+    return sum(int(np.count_nonzero(s)) for s in segments), sum(int(s.size) for s in segments)

@@ -1,23 +1,26 @@
 """The grain pipeline: tokenised pairs -> shuffled, repeated, padded batches with a resumable
 iterator.
 
-    MapDataset.source(this process's examples)
-      .shuffle(seed)                          a fresh permutation per epoch (reseed_each_epoch)
-      .repeat(num_epochs)                     None repeats forever; the caller counts steps
-      .batch(batch_size, drop_remainder)      collate_pairs pads each batch to its bucket
+    batch_index_dataset(...)                  the pair indices of batch k, k = 0, 1, ...:
+      shuffled:        MapDataset.range(N).shuffle(seed).repeat(num_epochs).batch(batch_size)
+                       a fresh permutation per epoch; batches run across epoch boundaries, so
+                       no pair is lost at the end of an epoch (only a finite run's last partial
+                       batch is dropped)
+      length-grouped:  flux_jax.data.length_grouping (sort by length within windows of batches,
+                       shuffle the batches); N % batch_size pairs sit out each epoch
+      .map_with_index(collate)                collate_pairs pads batch k to its bucket (or to the
+                                              width all processes agreed on for batch k)
       .to_iter_dataset(ReadOptions(...))      threaded prefetch
 
-Batches run across epoch boundaries (repeat comes before batch), so no pair is lost at the end
-of an epoch; only the final partial batch of a finite run is dropped. batch_size is per process.
-
-The iterator is grain's own `DatasetIterator`: `get_state()` / `set_state()` resume exactly, and
+batch_size is per process. Batch k is a pure function of (seed, k), so the iterator is grain's own
+`DatasetIterator` over k: `get_state()` / `set_state()` resume exactly, and
 `grain.checkpoint.CheckpointSave(iterator)` stores it inside an orbax checkpoint.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from flux_jax.data.batching import check_bucket_lengths, collate_pairs, default_bucket_lengths
+from flux_jax.data.length_grouping import length_grouped_order
 from flux_jax.data.loading import load_preference_examples
 from flux_jax.data.stats import DataStats
 from flux_jax.data.tokenization import PreferenceExample
@@ -90,36 +94,80 @@ def preference_batches(
     pad_id: int,
     bucket_lengths: Sequence[int],
     collate: Callable[..., dict[str, np.ndarray]] = collate_pairs,
+    group_lengths: Sequence[int] | None = None,
+    window_batches: int = 1,
+    batch_width: Callable[[int], int] | None = None,
 ) -> grain.MapDataset:
     """The batch dataset of the module docstring, before the iterator stage.
 
     `collate(examples, pad_id=..., bucket_lengths=...)` makes each batch: `collate_pairs` (the
     standard layout) or a partial of `flux_jax.data.packing.collate_shared_prefix`.
+    `group_lengths` (one length per example) switches on length-grouped batches, sorted within
+    windows of `window_batches` batches. `batch_width(k)`, when given, is the one row length
+    batch k is padded to (every process of a multi-process run must build the same shape).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not examples:
         raise ValueError("no preference pairs to batch (every record was dropped or skipped)")
-    if len(examples) < batch_size:
+    if group_lengths is not None and len(group_lengths) != len(examples):
+        raise ValueError(f"{len(group_lengths)} group lengths for {len(examples)} pairs")
+    indices = batch_index_dataset(
+        len(examples),
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        group_lengths=group_lengths,
+        window_batches=window_batches,
+    )
+    buckets = tuple(bucket_lengths)
+
+    def make_batch(k: int, pair_indices: np.ndarray) -> dict[str, np.ndarray]:
+        widths = buckets if batch_width is None else (batch_width(k),)
+        pairs = [examples[i] for i in pair_indices]
+        return collate(pairs, pad_id=pad_id, bucket_lengths=widths)
+
+    return indices.map_with_index(make_batch)
+
+
+def batch_index_dataset(
+    num_examples: int,
+    *,
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None,
+    group_lengths: Sequence[int] | None = None,
+    window_batches: int = 1,
+) -> grain.MapDataset:
+    """Element k: the int array of the example indices in batch k (module docstring). A pure
+    function of its arguments, so any process can compute another process's batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_examples < 1:
+        raise ValueError("no preference pairs to batch (every record was dropped or skipped)")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+    if num_examples < batch_size:
         if num_epochs is not None:
             raise ValueError(
-                f"only {len(examples)} pairs for this process, fewer than one batch of {batch_size}"
+                f"only {num_examples} pairs for this process, fewer than one batch of {batch_size}"
             )
         # Repetition runs before batching, so a batch then holds some pairs more than once.
         log.warning(
             "only %d pairs for this process, fewer than one batch of %d: batches will repeat pairs",
-            len(examples),
+            num_examples,
             batch_size,
         )
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
-    batch_fn = functools.partial(collate, pad_id=pad_id, bucket_lengths=tuple(bucket_lengths))
-    return (
-        grain.MapDataset.source(list(examples))
-        .shuffle(seed=seed)
-        .repeat(num_epochs, reseed_each_epoch=True)
-        .batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
+    if group_lengths is None:
+        return (
+            grain.MapDataset.range(num_examples)
+            .shuffle(seed=seed)
+            .repeat(num_epochs, reseed_each_epoch=True)
+            .batch(batch_size, drop_remainder=True)
+        )
+    order = length_grouped_order(
+        group_lengths, batch_size=batch_size, window_batches=window_batches, seed=seed
     )
+    total = sys.maxsize if num_epochs is None else num_epochs * order.batches_per_epoch
+    return grain.MapDataset.range(total).map(order.batch_pairs)
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
