@@ -15,7 +15,8 @@ loader does so itself.
 Type rules: ints are accepted for float keys; a numeric string for a float key is converted,
 because PyYAML (YAML 1.1) reads `5e-7` -- no dot -- as the string "5e-7" while `5.0e-7` is a float,
 and either spelling clearly means the number. Everything else is strict: no string for an int or
-bool key, no float for an int key, no null anywhere.
+bool key, no float for an int key, no null anywhere. Path keys (`Key.path` in the schema) have a
+leading `~` and their `$VAR`s expanded when set (`expand_path`); an unset variable is an error.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import difflib
 import importlib.util
 import math
 import numbers
+import os
 import pathlib
 import re
 from collections.abc import Iterable, Mapping
@@ -34,7 +36,7 @@ import yaml
 
 from flux_jax.config_schema import ALGORITHMS_IMPLEMENTED, LEAVES, SCHEMA, SECTIONS, Key
 
-__all__ = ["ConfigError", "FluxConfig"]
+__all__ = ["ConfigError", "FluxConfig", "expand_path"]
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,23 @@ _KIND_NAMES = {
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _TRUE_TEXT = ("true", "yes", "on", "1")
 _FALSE_TEXT = ("false", "no", "off", "0")
+_ENV_VAR = re.compile(r"\$(\w+)|\$\{([^}]*)\}")  # the forms os.path.expandvars expands
+
+
+def expand_path(path: str) -> str:
+    """`path` with a leading `~` / `~user` and every `$VAR` / `${VAR}` expanded, as a shell would.
+
+    os.path leaves what it cannot expand in place, which later creates a directory literally named
+    `~` or `$RUN`; this raises ValueError naming the unset variable or unknown user instead.
+    """
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        user = expanded.split(os.sep, 1)[0]
+        raise ValueError(f"cannot expand {user!r} in {path!r}: no such user (or HOME unset)")
+    unset = [a or b for a, b in _ENV_VAR.findall(expanded) if (a or b) not in os.environ]
+    if unset:
+        raise ValueError(f"environment variable ${unset[0]} is not set (in {path!r})")
+    return os.path.expandvars(expanded)
 
 
 def _unknown_key(path: str) -> str:
@@ -110,7 +129,12 @@ def _coerce(path: str, key: Key, value: Any) -> Any:
     if kind is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
         return float(value)
     if kind is str and isinstance(value, str):
-        return value
+        if not key.path:
+            return value
+        try:
+            return expand_path(value)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
     if kind is tuple and isinstance(value, (list, tuple)):
         if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
             return tuple(int(v) for v in value)
@@ -463,6 +487,11 @@ def _range_errors(c: FluxConfig) -> list[str]:
         "strictly increasing positive lengths, the largest >= data.max_length (so every "
         "sequence fits a bucket), or () for the default",
     )
+    need(d.bucket_ratio >= 1, "data.bucket_ratio", ">= 1 (1 = steps of bucket_multiple)")
+    need(d.bucket_multiple >= 1, "data.bucket_multiple", ">= 1")
+    need(d.length_group_batches >= 1, "data.length_group_batches", ">= 1")
+    need(c.compile_cache.min_compile_time_s >= 0, "compile_cache.min_compile_time_s", ">= 0")
+    need(d.max_record_bytes >= 1, "data.max_record_bytes", ">= 1")
     need(d.num_threads >= 0, "data.num_threads", ">= 0")
     need(d.prefetch >= 0, "data.prefetch", ">= 0")
     need(d.shuffle_seed >= -1, "data.shuffle_seed", ">= 0, or -1 to use seed")
@@ -480,6 +509,14 @@ def _range_errors(c: FluxConfig) -> list[str]:
     need(o.max_grad_norm >= 0, "optimizer.max_grad_norm", ">= 0 (0 = no clipping)")
     need(0 <= o.warmup_steps <= c.num_steps, "optimizer.warmup_steps", "in [0, num_steps]")
     need(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "in [0, 1]")
+    tr = c.training
+    need(tr.max_consecutive_skips >= 1, "training.max_consecutive_skips", ">= 1")
+    need(
+        tr.divergence_factor == 0 or tr.divergence_factor > 1,
+        "training.divergence_factor",
+        "> 1, or 0 to switch the divergence warning off",
+    )
+    need(tr.divergence_window >= 1, "training.divergence_window", ">= 1")
     need(c.eval.every_steps >= 0, "eval.every_steps", ">= 0 (0 = only at the end)")
     need(c.eval.batch_size >= 1, "eval.batch_size", ">= 1")
     need(c.eval.max_batches >= 0, "eval.max_batches", ">= 0 (0 = all)")

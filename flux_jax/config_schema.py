@@ -12,11 +12,13 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class Key:
-    """One leaf of the schema: its default (whose type is the key's type), meaning, and enum."""
+    """One leaf of the schema: its default (whose type is the key's type), meaning, and enum.
+    `path`: a filesystem path, whose `~` and `$VAR`s are expanded when it is set."""
 
     default: Any
     doc: str
     choices: tuple[str, ...] = ()
+    path: bool = False
 
 
 ALGORITHMS_IMPLEMENTED = ("dpo",)
@@ -25,9 +27,13 @@ ALGORITHMS_IMPLEMENTED = ("dpo",)
 # and its unit; the range checks live in `_range_errors`.
 SCHEMA: dict[str, Any] = {
     # HF model dir or hub id (config.json + *.safetensors), or "builtin:tiny-qwen3".
-    "model_path": Key("builtin:tiny-qwen3", "model to train; builtin = tiny random Qwen3"),
-    "tokenizer_path": Key("", "tokenizer dir or hub id; '' = same as model_path"),
-    "output_dir": Key("./outputs/dpo", "directory for checkpoints, logs and the saved config"),
+    "model_path": Key(
+        "builtin:tiny-qwen3", "model to train; builtin = tiny random Qwen3", path=True
+    ),
+    "tokenizer_path": Key("", "tokenizer dir or hub id; '' = same as model_path", path=True),
+    "output_dir": Key(
+        "./outputs/dpo", "directory for checkpoints, logs and the saved config", path=True
+    ),
     "seed": Key(0, "PRNG seed for parameter init (builtin model), data order and sampling"),
     "num_steps": Key(1000, "number of optimiser steps to train for"),
     "batch_size": Key(8, "preference pairs per optimiser step, global over devices/hosts"),
@@ -61,8 +67,12 @@ SCHEMA: dict[str, Any] = {
         "async_save": Key(True, "true = write checkpoints in the background while training"),
     },
     "data": {
-        "train_path": Key("", "training pairs: .jsonl, .jsonl.gz, dir or glob; '' = bundled demo"),
-        "eval_path": Key("", "held-out pairs for eval and best-checkpoint choice; '' = none"),
+        "train_path": Key(
+            "", "training pairs: .jsonl, .jsonl.gz, dir or glob; '' = bundled demo", path=True
+        ),
+        "eval_path": Key(
+            "", "held-out pairs for eval and best-checkpoint choice; '' = none", path=True
+        ),
         "format": Key(
             "preferences",
             "preferences ({prompt, chosen, rejected} strings), conversational (chat messages) "
@@ -73,7 +83,25 @@ SCHEMA: dict[str, Any] = {
         "max_prompt_length": Key(512, "maximum prompt tokens; must be < max_length"),
         "drop_truncated": Key(False, "true = drop pairs that need truncation, false = truncate"),
         "on_bad_record": Key("error", "bad JSONL record: error or skip", ("error", "skip")),
-        "bucket_lengths": Key((), "padded lengths (tokens), last >= max_length; () = powers of 2"),
+        # = flux_jax.data.records.DEFAULT_MAX_RECORD_BYTES (16 MiB; see there for why).
+        "max_record_bytes": Key(
+            16 * 2**20, "longest JSONL line (bytes) read; a longer one is a bad record"
+        ),
+        "bucket_lengths": Key(
+            (), "padded lengths (tokens), last >= max_length; () = the bucket_ratio ladder"
+        ),
+        "bucket_ratio": Key(
+            1.125,
+            "default ladder: each padded length <= this x the one before (22 lengths from 64 to "
+            "1024, 34 to 4096); 2 with bucket_multiple 64 = powers of two",
+        ),
+        "bucket_multiple": Key(32, "default ladder: padded lengths are multiples of this (tokens)"),
+        "group_by_length": Key(
+            True, "true = batch pairs of similar length (less padding), as HF group_by_length"
+        ),
+        "length_group_batches": Key(
+            32, "group_by_length: pairs are sorted by length within windows of this many batches"
+        ),
         "num_threads": Key(2, "data-loading threads per host"),
         "prefetch": Key(4, "batches prefetched ahead of the training step"),
         "shuffle_seed": Key(-1, "seed of the data shuffle; -1 = use seed"),
@@ -96,6 +124,13 @@ SCHEMA: dict[str, Any] = {
         "prefix_sharing": Key(False, "true = run the shared prompt once for chosen and rejected"),
         "packing": Key(False, "true = pack several pairs into one sequence row"),
     },
+    "compile_cache": {
+        "enabled": Key(True, "true = reuse compiled steps across runs (JAX persistent cache)"),
+        "dir": Key(
+            "", "cache directory; '' = $XDG_CACHE_HOME/flux_jax/xla (~/.cache/...)", path=True
+        ),
+        "min_compile_time_s": Key(1.0, "only compilations at least this long are cached (s)"),
+    },
     "optimizer": {
         "b1": Key(0.9, "AdamW first-moment decay"),
         "b2": Key(0.999, "AdamW second-moment decay"),
@@ -105,6 +140,24 @@ SCHEMA: dict[str, Any] = {
         "schedule": Key("constant", "LR after warmup", ("constant", "cosine", "linear")),
         "warmup_steps": Key(0, "optimiser steps of linear warmup from 0 to learning_rate"),
         "min_lr_ratio": Key(0.0, "final LR as a fraction of learning_rate (cosine, linear)"),
+    },
+    "training": {
+        "on_nonfinite": Key(
+            "stop",
+            "a step with a NaN/inf loss or gradient norm: stop (nothing saved after it; the "
+            "last good checkpoint is the resume point) or skip_step (its update is dropped and "
+            "counted in the skipped_steps metric)",
+            ("stop", "skip_step"),
+        ),
+        "max_consecutive_skips": Key(
+            10, "skip_step: stop after this many non-finite steps in a row"
+        ),
+        "divergence_factor": Key(
+            4.0,
+            "warn once when the loss stays above this many times its starting value (its first "
+            "step's) for divergence_window steps; 0 = off",
+        ),
+        "divergence_window": Key(10, "consecutive steps above divergence_factor before warning"),
     },
     "eval": {
         "every_steps": Key(0, "evaluate every this many optimiser steps; 0 = only at the end"),

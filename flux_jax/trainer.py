@@ -12,7 +12,6 @@ Metrics reach callbacks one step late, so the host never blocks the device on a 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -27,14 +26,15 @@ import numpy as np
 from flax import nnx
 
 from flux_jax import checkpoint as ckpt_lib
-from flux_jax import logprobs, optim, ref_logps
+from flux_jax import logprobs, optim, ref_logps, run_lock, train_batches
 from flux_jax import train_step as ts
+from flux_jax.compile_cache import enable_compile_cache
 from flux_jax.config import FluxConfig
-from flux_jax.data import load_preference_examples, packing
-from flux_jax.data.batching import check_bucket_lengths, collate_pairs, default_bucket_lengths
-from flux_jax.data.pipeline import pad_token_id, preference_batches
+from flux_jax.data import load_preference_examples
+from flux_jax.data.pipeline import pad_token_id
 from flux_jax.distributed import initialize_distributed, is_main_process
 from flux_jax.metrics_log import MetricsLog, summarise
+from flux_jax.model_assets import MODEL_ASSETS_DIR, save_model_assets
 from flux_jax.model_setup import (
     ModelOptions,
     is_builtin,
@@ -44,6 +44,7 @@ from flux_jax.model_setup import (
 )
 from flux_jax.preference_eval import evaluate_examples
 from flux_jax.sharding import check_sharding, mesh_from_config, to_host
+from flux_jax.training_health import DivergenceWatch, NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,12 @@ class FluxTrainer:
     def __init__(self, config: FluxConfig, *, mesh: jax.sharding.Mesh | None = None):
         self.config = config.validate() if isinstance(config, FluxConfig) else config
         initialize_distributed()
+        # Before the first compile: JAX reads the cache settings once per process.
+        enable_compile_cache(
+            config.compile_cache.dir,
+            min_compile_time_s=config.compile_cache.min_compile_time_s,
+            enabled=config.compile_cache.enabled,
+        )
         self.mesh = mesh or mesh_from_config(config.mesh)
         self._callbacks: list[Callable[[StepResult], Any]] = []
         self.tokenizer = load_tokenizer(config.model_path, config.tokenizer_path)
@@ -145,7 +152,11 @@ class FluxTrainer:
         )
         data_format = data_format or cfg.data.format
         run = _Run(self, train_path, eval_path, data_format)
-        return run.train()
+        # Held before anything is written to output_dir (config.yaml, checkpoints, metrics).
+        with run_lock.hold_output_dir(
+            run.output_dir, is_main=run.main, process_count=jax.process_count()
+        ):
+            return run.train()
 
     def evaluate(self, path: str, data_format: str | None = None) -> dict[str, float]:
         """DPO loss and reward metrics of the current policy on every pair at `path`."""
@@ -204,10 +215,8 @@ class FluxTrainer:
 
     @property
     def bucket_lengths(self) -> tuple[int, ...]:
-        cfg = self.config.data
-        if cfg.bucket_lengths:
-            return check_bucket_lengths(cfg.bucket_lengths, cfg.max_length)
-        return default_bucket_lengths(cfg.max_length, min_length=min(64, cfg.max_length))
+        """data.bucket_lengths, else the data.bucket_ratio ladder (flux_jax.train_batches)."""
+        return train_batches.bucket_ladder(self.config.data)
 
     def _load_examples(self, path: str, data_format: str, *, shard: bool = False):
         cfg = self.config.data
@@ -219,6 +228,7 @@ class FluxTrainer:
             max_prompt_length=cfg.max_prompt_length,
             drop_truncated=cfg.drop_truncated,
             on_bad_record=cfg.on_bad_record,
+            max_record_bytes=cfg.max_record_bytes,
             process_index=jax.process_index() if shard else 0,
             process_count=jax.process_count() if shard else 1,
         )
@@ -280,7 +290,7 @@ class _Run:
     def _examples(self):
         """This process's training pairs and all eval pairs, with reference log-probs if asked."""
         examples, stats = self.t._load_examples(self.train_path, self.data_format, shard=True)
-        if stats.pairs_truncated or stats.bad_records:
+        if stats.pairs_truncated or stats.bad_records or stats.shards_cut_short:
             log.warning("training data %s: %s", self.train_path, stats.to_dict())
         self.data_stats = stats
         eval_examples = None
@@ -332,70 +342,23 @@ class _Run:
         return ref_logps.attach_ref_logps(examples, values)
 
     def _data_iterator(self, examples):
+        """This process's batches (flux_jax.train_batches: layout, buckets, length grouping, and
+        one batch shape on every process), as grain's resumable iterator."""
         cfg = self.cfg
-        seed = cfg.seed if cfg.data.shuffle_seed < 0 else cfg.data.shuffle_seed
-        dataset = preference_batches(
-            examples,
-            batch_size=cfg.batch_size // jax.process_count(),
-            seed=seed,
-            num_epochs=None,
-            pad_id=pad_token_id(self.t.tokenizer),
-            bucket_lengths=self._train_buckets(),
-            collate=self._collate(examples),
+        counts = train_batches.gather_token_counts(train_batches.token_counts(examples))
+        plan = train_batches.batch_plan(
+            cfg,
+            batch_multiple=self.t._batch_multiple(),
+            counts=counts,
+            process_index=jax.process_index(),
+        )
+        dataset = train_batches.training_batches(
+            examples, plan, pad_id=pad_token_id(self.t.tokenizer), counts=counts
         )
         options = grain.ReadOptions(
             num_threads=cfg.data.num_threads, prefetch_buffer_size=cfg.data.prefetch
         )
         return iter(dataset.to_iter_dataset(options))
-
-    def _train_buckets(self) -> tuple[int, ...]:
-        """Bucket lengths of training batches.
-
-        Every process collates its own rows, and a step's global batch needs one shape on all
-        of them: with several processes each batch is padded to the one longest possible row
-        (max_length; 2 x max_length for [prompt | chosen | rejected] rows) instead of the
-        smallest fitting bucket.
-        """
-        if jax.process_count() == 1:
-            return self.t.bucket_lengths
-        if self.cfg.model.packing:
-            raise ValueError(
-                "model.packing is single-process for now: the pairs per row depend on each "
-                "process's data, and every process must build the same batch shape"
-            )
-        longest = self.cfg.data.max_length
-        return (2 * longest,) if self.cfg.model.prefix_sharing else (longest,)
-
-    def _collate(self, examples):
-        """The training batch layout: standard, or shared-prefix / packed (data.packing).
-
-        Packing puts about max_length tokens of pairs (on average) in a row, as many pairs as
-        keep the rows splitting into grad_accum_steps micro-batches over the data x fsdp devices.
-        Longer rows would cost more than they save: the attention mask is dense, so its work
-        grows with the row length. Eval and reference precomputation keep the standard layout.
-        """
-        cfg = self.cfg
-        # One batch shape on every process: no per-process scored-position windows.
-        score_windows = jax.process_count() == 1
-        if not (cfg.model.prefix_sharing or cfg.model.packing):
-            return functools.partial(collate_pairs, score_windows=score_windows)
-        pairs_per_row = 1
-        if cfg.model.packing:
-            share = cfg.model.prefix_sharing
-            mean_pair = np.mean([packing.pair_length(e, share_prefix=share) for e in examples])
-            pairs_per_row = packing.max_pairs_per_row(
-                cfg.batch_size // jax.process_count(),
-                cfg.batch_size,
-                cfg.grad_accum_steps * self.t._batch_multiple(),
-                limit=max(1, int(cfg.data.max_length // mean_pair)),
-            )
-            log.info("packing %d pairs per row", pairs_per_row)
-        return functools.partial(
-            packing.collate_shared_prefix,
-            pairs_per_row=pairs_per_row,
-            share_prefix=cfg.model.prefix_sharing,
-            score_windows=score_windows,
-        )
 
     def _optimizer(self):
         cfg, opt = self.cfg, self.cfg.optimizer
@@ -422,7 +385,25 @@ class _Run:
             "tokenizer_path": self.cfg.tokenizer_path or self.cfg.model_path,
             "hf_config": self.t.model.config.to_hf_config(),
             "flux_config": self.cfg.to_dict(),
+            # Stored relative to each checkpoint (checkpoint.py): a moved output_dir still works.
+            ckpt_lib.MODEL_ASSETS_KEY: os.path.join(self.output_dir, MODEL_ASSETS_DIR),
         }
+
+    def _health_checks(self, checkpointer) -> tuple[NonFiniteGuard, DivergenceWatch]:
+        """The non-finite policy and the divergence warning of this run (training_health)."""
+        training = self.cfg.training
+        latest = checkpointer.latest_step()
+        guard = NonFiniteGuard(
+            policy=training.on_nonfinite,
+            max_consecutive_skips=training.max_consecutive_skips,
+            last_good_checkpoint=checkpointer.step_dir(latest) if latest is not None else None,
+        )
+        divergence = DivergenceWatch(
+            factor=training.divergence_factor,
+            window=training.divergence_window,
+            learning_rate=self.cfg.learning_rate,
+        )
+        return guard, divergence
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -441,11 +422,12 @@ class _Run:
             async_save=cfg.checkpoint.async_save,
         )
         resumed_from = None
-        if cfg.checkpoint.resume and checkpointer.latest_step() is not None:
-            resumed_from = checkpointer.latest_step()
-            state = checkpointer.restore(
-                resumed_from, abstract_state=ckpt_lib.abstract_of(state), data_iterator=iterator
+        if cfg.checkpoint.resume:  # the newest step that restores; damaged newer ones set aside
+            restored = checkpointer.restore_latest(
+                ckpt_lib.abstract_of(state), data_iterator=iterator
             )
+            if restored is not None:
+                resumed_from, state = restored
         best_dir = os.path.join(self.output_dir, "best")
         best = _BestTracker(best_dir, has_eval=eval_examples is not None)
         start = int(to_host(state["step"]))
@@ -466,6 +448,13 @@ class _Run:
         if self.main:
             os.makedirs(self.output_dir, exist_ok=True)
             cfg.to_yaml(os.path.join(self.output_dir, "config.yaml"))
+            save_model_assets(
+                self.output_dir,
+                hf_config=t.model.config.to_hf_config(),
+                tokenizer=t.tokenizer,
+                model_path=cfg.model_path,
+                tokenizer_path=cfg.tokenizer_path,
+            )
         is_preempted = ckpt_lib.install_preemption_handler()
         history: list[dict[str, float]] = []
         eval_metrics = None
@@ -473,17 +462,26 @@ class _Run:
         window: list[float] = []
         t0 = last_time = time.perf_counter()
         preempted = False
+        guard, divergence = self._health_checks(checkpointer)
 
         def finish_step(step: int, device_metrics) -> None:
+            """Metrics of `step` to the host, the sinks and callbacks. Runs before any eval or
+            save of a state at or after `step`, so a non-finite step stops the run first."""
             nonlocal last_time
             metrics = _to_floats(device_metrics)
             now = time.perf_counter()
             metrics["step_time_s"] = now - last_time
             metrics["tokens_per_s"] = metrics["tokens"] / max(now - last_time, 1e-9)
             last_time = now
-            history.append(metrics)
-            window.append(metrics["loss"])
-            mlog.train_step(step, metrics)
+            try:
+                guard.observe(step, metrics)
+            finally:  # the step that stops the run is logged too
+                history.append(metrics)
+                if math.isfinite(metrics["loss"]):
+                    window.append(metrics["loss"])
+                mlog.train_step(step, metrics)
+            if warning := divergence.observe(step, metrics["loss"]):
+                log.warning(warning)
             result = StepResult(step=step, metrics=metrics)
             for callback in t._callbacks:
                 callback(result)
@@ -509,9 +507,10 @@ class _Run:
                     mlog.eval_step(step, eval_metrics)
                     best.offer(step, eval_metrics["loss"], state["params"], self._metadata())
                 if save_due or preempted:
-                    checkpointer.save(
+                    if checkpointer.save(
                         step, state, data_iterator=iterator, metadata=self._metadata(), force=True
-                    )
+                    ):
+                        guard.last_good_checkpoint = checkpointer.step_dir(step)
                     if eval_examples is None and window:
                         best.offer(step, float(np.mean(window)), state["params"], self._metadata())
                     window.clear()
@@ -522,15 +521,19 @@ class _Run:
                 finish_step(*pending)
         finally:
             is_preempted.uninstall()
-            checkpointer.wait_until_finished()
-            checkpointer.close()
-            mlog.close()
+            try:  # close() waits for the last save and raises its error (e.g. disk full)
+                checkpointer.close()
+            finally:
+                mlog.close()
         t.params = state["params"]
         t.model = nnx.merge(t.graphdef, t.params)
         if self.main:
             mlog_summary = summarise(history, time.perf_counter() - t0)
             print(mlog_summary, flush=True)
-        final_loss = history[-1]["loss"] if history else float("nan")
+            if divergence.warned:  # said once mid-run; repeated where the run's outcome is read
+                print(f"WARNING: {divergence.message}", flush=True)
+        finite_losses = [h["loss"] for h in history if math.isfinite(h["loss"])]
+        final_loss = finite_losses[-1] if finite_losses else float("nan")
         return FitResult(
             final_loss=final_loss,
             num_steps=int(to_host(state["step"])),
