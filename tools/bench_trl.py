@@ -29,7 +29,8 @@ saved HF model directory (tools/make_length_mix.py writes both), tokenised by TR
 each batch padded to its own longest row), the reference online or --reference precomputed. It
 reports what tools/bench_file.py reports for flux_jax: step_time_s (median after --warmup),
 tokens_per_s, end_to_end_tokens_per_s, padded_fraction (1 - attention-mask sum / its size) and
-time_to_first_step_s (model load + train() to the end of step 1). It needs trl (no fallback).
+time_to_first_step_s (model load + DPOTrainer() (tokenising, and the precomputed reference pass)
++ train() to the end of step 1). It needs trl (no fallback).
 
 `--impl torch` (and the automatic fallback when trl does not import) runs a plain-torch
 re-implementation of TRL's step instead: one concatenated forward of chosen + rejected, the
@@ -236,6 +237,9 @@ def train_trl(
         dataloader_pin_memory=False,
         seed=args.seed,
     )
+    # From here on is what the run costs: DPOTrainer's constructor tokenises the dataset and, with
+    # precompute_ref_log_probs, runs the whole reference pass; fit() does both in flux_jax.
+    start = time.perf_counter()
     ref_model = None
     if args.reference == "model":
         ref_model = copy.deepcopy(model).eval()
@@ -248,7 +252,6 @@ def train_trl(
         processing_class=tokenizer,
         callbacks=[Timer()],
     )
-    start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
     per_step = [
