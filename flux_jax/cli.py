@@ -26,11 +26,15 @@ import os
 import sys
 
 from flux_jax import errors
+from flux_jax.config_schema import SCHEMA
 
 log = logging.getLogger("flux_jax.cli")
 
 CONFIG_OVERRIDE = "--config."
 DEBUG_FLAG = "--debug"
+# `data check` and --format follow the config: its defaults and its list of formats.
+DATA_DEFAULTS = SCHEMA["data"]
+DATA_FORMATS = DATA_DEFAULTS["format"].choices
 # argparse destinations holding file system paths: `~` and `$VAR` are expanded in them.
 PATH_ARGS = (
     "config",
@@ -84,13 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="a configs/*.py (get_config) or a YAML file")
     train.add_argument("--data", help="training pairs (overrides data.train_path)")
     train.add_argument("--eval-data", help="held-out pairs (overrides data.eval_path)")
-    train.add_argument("--format", choices=["preferences", "conversational", "implicit_prompt"])
+    train.add_argument("--format", choices=DATA_FORMATS)
     sub.add_parser("demo", help="the embedded default run (tiny model, bundled data)")
 
     ev = sub.add_parser("eval", help="preference metrics of a checkpoint on held-out pairs")
     ev.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/best or a checkpoint dir")
     ev.add_argument("--data", required=True)
-    ev.add_argument("--format", choices=["preferences", "conversational", "implicit_prompt"])
+    ev.add_argument("--format", choices=DATA_FORMATS)
     ev.add_argument("--json", help="write the metrics here (default: CHECKPOINT/eval.json)")
     ev.add_argument("--base-model", help="the reference model, if not the run's model_path")
 
@@ -99,9 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     check = data_sub.add_parser("check", help="validate a preference file and report lengths")
     check.add_argument("file")
     check.add_argument("--tokenizer", required=True, help="tokenizer dir, or builtin:tiny-qwen3")
-    check.add_argument("--format", default="preferences")
-    check.add_argument("--max-length", type=int, default=1024)
-    check.add_argument("--max-prompt-length", type=int, default=512)
+    check.add_argument("--format", default=DATA_DEFAULTS["format"].default)
+    check.add_argument("--max-length", type=int, default=DATA_DEFAULTS["max_length"].default)
+    check.add_argument(
+        "--max-prompt-length", type=int, default=DATA_DEFAULTS["max_prompt_length"].default
+    )
     check.add_argument("--max-record-bytes", type=int, help="longest JSONL line read (bytes)")
 
     export = sub.add_parser("export", help="write a checkpoint as a Hugging Face model")

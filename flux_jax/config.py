@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import math
 import numbers
 import os
 import pathlib
@@ -34,7 +33,8 @@ from typing import Any
 import ml_collections
 import yaml
 
-from flux_jax.config_schema import ALGORITHMS_IMPLEMENTED, LEAVES, SCHEMA, SECTIONS, Key
+from flux_jax.config_rules import range_errors
+from flux_jax.config_schema import LEAVES, SCHEMA, SECTIONS, Key
 
 __all__ = ["ConfigError", "FluxConfig", "expand_path"]
 
@@ -340,7 +340,7 @@ class FluxConfig(ml_collections.ConfigDict):
             except ConfigError as e:
                 errors.extend(e.errors)
         if not errors:  # Range rules assume the types are right.
-            errors = _range_errors(self)
+            errors = range_errors(self)
         if errors:
             raise ConfigError(errors, source)
 
@@ -418,119 +418,6 @@ class FluxConfig(ml_collections.ConfigDict):
 
     def __dir__(self) -> list[str]:
         return [*self._fields, *dir(type(self))]
-
-
-def _range_errors(c: FluxConfig) -> list[str]:
-    """Range, enum and cross-field rules; every message starts with the key it is about."""
-    errors: list[str] = []
-
-    def need(ok: bool, path: str, rule: str) -> None:
-        if not ok:
-            errors.append(f"{path} must be {rule}, got {c[path]!r}")
-
-    for path, key in LEAVES.items():
-        value = c[path]
-        if key.choices and value not in key.choices:
-            valid = ", ".join(repr(x) for x in key.choices)
-            errors.append(f"{path} must be one of {valid}; got {value!r}")
-        if isinstance(value, float):
-            need(math.isfinite(value), path, "a finite number")
-
-    a, d, o = c.algorithm, c.data, c.optimizer
-    if a.name not in ALGORITHMS_IMPLEMENTED:
-        errors.append(
-            f"algorithm.name {a.name!r} is not implemented: flux_jax implements only 'dpo'"
-        )
-    if c.adaptive_async.enabled:
-        errors.append(
-            "adaptive_async.enabled=true is not supported with algorithm 'dpo': adaptive async "
-            "overlaps rollout generation with training (GRPO/PPO), and DPO has no rollouts -- it "
-            "trains on a fixed preference dataset. Set adaptive_async.enabled: false"
-        )
-    need(c.seed >= 0, "seed", ">= 0")
-    need(c.num_steps >= 1, "num_steps", ">= 1")
-    need(c.batch_size >= 1, "batch_size", ">= 1")
-    need(c.grad_accum_steps >= 1, "grad_accum_steps", ">= 1")
-    if c.batch_size >= 1 and c.grad_accum_steps >= 1 and c.batch_size % c.grad_accum_steps:
-        errors.append(
-            f"batch_size ({c.batch_size}) must be divisible by grad_accum_steps "
-            f"({c.grad_accum_steps}): each micro-batch holds batch_size / grad_accum_steps pairs"
-        )
-    need(c.learning_rate > 0, "learning_rate", "> 0")
-    need(a.beta > 0, "algorithm.beta", "> 0")
-    need(0 <= a.label_smoothing < 0.5, "algorithm.label_smoothing", "in [0, 0.5)")
-    if a.label_smoothing > 0 and a.loss_type in ("hinge", "ipo"):
-        errors.append(
-            f"algorithm.label_smoothing={a.label_smoothing} has no effect with "
-            f"loss_type={a.loss_type!r} (only 'sigmoid' and 'robust' use it); set it to 0"
-        )
-    need(a.sft_coef >= 0, "algorithm.sft_coef", ">= 0")
-    need(a.kl_coef >= 0, "algorithm.kl_coef", ">= 0")
-    if a.reference_free and a.kl_coef > 0:
-        errors.append("algorithm.kl_coef > 0 needs the reference model; reference_free is true")
-    if a.reference_free and a.precompute_ref_logps:
-        errors.append("algorithm.precompute_ref_logps needs a reference; reference_free is true")
-    need(c.checkpoint.save_steps >= 1, "checkpoint.save_steps", ">= 1")
-    need(c.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", ">= 1")
-    need(d.max_length >= 2, "data.max_length", ">= 2")
-    need(d.max_prompt_length >= 1, "data.max_prompt_length", ">= 1")
-    if d.max_prompt_length >= d.max_length:
-        errors.append(
-            f"data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length "
-            f"({d.max_length}) to leave room for the response"
-        )
-    buckets = (0, *d.bucket_lengths)
-    increasing = all(x < y for x, y in zip(buckets, buckets[1:], strict=False))
-    need(
-        increasing and (not d.bucket_lengths or buckets[-1] >= d.max_length),
-        "data.bucket_lengths",
-        "strictly increasing positive lengths, the largest >= data.max_length (so every "
-        "sequence fits a bucket), or () for the default",
-    )
-    need(d.bucket_ratio >= 1, "data.bucket_ratio", ">= 1 (1 = steps of bucket_multiple)")
-    need(d.bucket_multiple >= 1, "data.bucket_multiple", ">= 1")
-    need(d.length_group_batches >= 1, "data.length_group_batches", ">= 1")
-    need(c.compile_cache.min_compile_time_s >= 0, "compile_cache.min_compile_time_s", ">= 0")
-    need(d.max_record_bytes >= 1, "data.max_record_bytes", ">= 1")
-    need(d.num_threads >= 0, "data.num_threads", ">= 0")
-    need(d.prefetch >= 0, "data.prefetch", ">= 0")
-    need(d.shuffle_seed >= -1, "data.shuffle_seed", ">= 0, or -1 to use seed")
-    need(c.model.logprob_chunk_size >= 0, "model.logprob_chunk_size", ">= 0 (0 = unchunked)")
-    need(c.model.logprob_chunk_mib >= 0, "model.logprob_chunk_mib", ">= 0 (0 = no cap)")
-    if c.model.attention == "splash" and (c.model.prefix_sharing or c.model.packing):
-        errors.append(
-            "model.attention='splash' cannot express the shared-prefix mask of "
-            "model.prefix_sharing / model.packing; use 'xla', 'cudnn' or 'auto' with them"
-        )
-    need(0 <= o.b1 < 1, "optimizer.b1", "in [0, 1)")
-    need(0 <= o.b2 < 1, "optimizer.b2", "in [0, 1)")
-    need(o.eps > 0, "optimizer.eps", "> 0")
-    need(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0")
-    need(o.max_grad_norm >= 0, "optimizer.max_grad_norm", ">= 0 (0 = no clipping)")
-    need(0 <= o.warmup_steps <= c.num_steps, "optimizer.warmup_steps", "in [0, num_steps]")
-    need(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "in [0, 1]")
-    tr = c.training
-    need(tr.max_consecutive_skips >= 1, "training.max_consecutive_skips", ">= 1")
-    need(
-        tr.divergence_factor == 0 or tr.divergence_factor > 1,
-        "training.divergence_factor",
-        "> 1, or 0 to switch the divergence warning off",
-    )
-    need(tr.divergence_window >= 1, "training.divergence_window", ">= 1")
-    need(c.eval.every_steps >= 0, "eval.every_steps", ">= 0 (0 = only at the end)")
-    need(c.eval.batch_size >= 1, "eval.batch_size", ">= 1")
-    need(c.eval.max_batches >= 0, "eval.max_batches", ">= 0 (0 = all)")
-    need(c.logging.every_steps >= 1, "logging.every_steps", ">= 1")
-    for axis in SCHEMA["mesh"]:
-        need(c.mesh[axis] >= 1 or c.mesh[axis] == -1, f"mesh.{axis}", ">= 1, or -1")
-    if sum(v == -1 for v in c.mesh.to_dict().values()) > 1:
-        errors.append("mesh: at most one of data, fsdp, tensor may be -1 (the remaining devices)")
-    g = c.generation
-    need(g.max_new_tokens >= 1, "generation.max_new_tokens", ">= 1")
-    need(g.temperature >= 0, "generation.temperature", ">= 0 (0 = greedy)")
-    need(g.top_k >= 0, "generation.top_k", ">= 0 (0 = off)")
-    need(0 < g.top_p <= 1, "generation.top_p", "in (0, 1]")
-    return errors
 
 
 class _StrictYamlLoader(yaml.SafeLoader):

@@ -27,13 +27,46 @@ Numerics: the head matmul runs in `compute_dtype` (e.g. bf16) but accumulates in
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from flux_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, batch_multiple
+
+# Positions per LM-head chunk; also the config's model.logprob_chunk_size default.
 DEFAULT_CHUNK_SIZE = 512
-DEFAULT_CHUNK_MIB = 256
+
+
+def lm_head_chunk_size(
+    chunk_size: int | None,
+    *,
+    max_chunk_mib: float,
+    rows_per_step: int,
+    grad_accum_steps: int,
+    mesh_shape: Mapping[str, int] | None,
+    vocab_size: int,
+) -> int | None:
+    """The LM-head chunk a run uses: the trainer's, the memory plan's and tools/bench.py's rule.
+
+    `chunk_size` positions (0 or None = unchunked), capped so that one chunk's fp32 logits for
+    the rows one device holds of a micro-batch fit `max_chunk_mib` (0 = no cap). A step's
+    `rows_per_step` rows (2 x pairs in the standard layout: chosen and rejected) are split into
+    `grad_accum_steps` micro-batches and each over data x fsdp devices; the vocabulary is split
+    over the axis `LOGICAL_AXIS_RULES["vocab"]` names. `mesh_shape` is `mesh.shape`, a
+    {data, fsdp, tensor} mapping, or None for one device.
+    """
+    if mesh_shape is None:
+        mesh_shape = dict.fromkeys(MESH_AXES, 1)
+    rows_per_micro_batch = -(-rows_per_step // grad_accum_steps)  # ceil, in integers
+    vocab_ways = mesh_shape[LOGICAL_AXIS_RULES["vocab"]]
+    return capped_chunk_size(
+        chunk_size or None,
+        rows_per_device=-(-rows_per_micro_batch // batch_multiple(mesh_shape)),
+        vocab_per_device=-(-vocab_size // vocab_ways),
+        max_chunk_mib=max_chunk_mib,
+    )
 
 
 def capped_chunk_size(

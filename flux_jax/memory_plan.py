@@ -59,11 +59,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from flux_jax.logprobs import capped_chunk_size
+from flux_jax.logprobs import DEFAULT_CHUNK_SIZE, lm_head_chunk_size
 from flux_jax.models.qwen.config import QwenConfig
 from flux_jax.models.qwen.model import build_model
 from flux_jax.models.qwen.presets import resolve_architecture
-from flux_jax.sharding import MESH_AXES, format_bytes, logical_to_spec, resolve_mesh_shape
+from flux_jax.sharding import (
+    MESH_AXES,
+    batch_multiple,
+    format_bytes,
+    logical_to_spec,
+    resolve_mesh_shape,
+    weight_shard_factor,
+)
 
 GIB = 1 << 30
 USABLE_FRACTION = 0.9
@@ -137,7 +144,7 @@ def memory_plan(
     param_dtype: Any = "float32",
     compute_dtype: Any = "float32",
     remat: str = "none",
-    logprob_chunk_size: int | None = 512,
+    logprob_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     logprob_chunk_mib: float = 0,
     reference: str = "model",
 ) -> dict[str, Any]:
@@ -152,7 +159,7 @@ def memory_plan(
       remat: "none", "full" or "dots".
       logprob_chunk_size: LM-head chunk (positions); None or 0 = unchunked logits.
       logprob_chunk_mib: the trainer's cap on one chunk's logits per device (0 = none); the
-        plan uses the chunk the trainer would (flux_jax.logprobs.capped_chunk_size).
+        plan uses the chunk the trainer would (flux_jax.logprobs.lm_head_chunk_size).
       reference: "model" (frozen copy on device), "precomputed" or "none" (reference-free).
 
     Returns:
@@ -160,83 +167,41 @@ def memory_plan(
       total), "activation_terms" (the estimate's parts), "model", "mesh", "batch", "settings"
       and "warnings". The formulas are in the module docstring.
     """
-    if reference not in REFERENCE_MODES:
-        raise ValueError(f"reference={reference!r}; valid: {', '.join(REFERENCE_MODES)}")
-    if remat not in ("none", "full", "dots"):
-        raise ValueError(f"remat={remat!r}; valid: none, full, dots")
-    data, fsdp, tensor = (int(x) for x in mesh_shape)
-    if min(data, fsdp, tensor) < 1:
-        raise ValueError(f"mesh_shape {mesh_shape}: sizes must be >= 1 (resolve -1 first)")
-    pb, cb = _dtype_bytes(param_dtype), _dtype_bytes(compute_dtype)
-    warnings: list[str] = []
-
-    blocks = param_blocks(qwen_config, (data, fsdp, tensor))
-    local_params = sum(b["local_elements"] for b in blocks.values())
-    total_params = sum(math.prod(b["shape"]) for b in blocks.values())
-    unsplit = [
-        f"{path} {b['shape']}"
-        for path, b in blocks.items()
-        if math.prod(b["shape"]) > 1 << 20
-        and b["local_elements"] * fsdp * tensor > 1.5 * math.prod(b["shape"])
-    ]
-    if unsplit:
-        warnings.append(
-            "large parameters not split over fsdp x tensor (a dimension does not divide): "
-            + ", ".join(unsplit)
-        )
-
-    params = local_params * pb
-    gradients = local_params * pb + (local_params * 4 if grad_accum_steps > 1 else 0)
-    optimizer = 2 * local_params * pb
-    ref = local_params * cb if reference == "model" else 0
-
-    if batch_size % grad_accum_steps:
-        raise ValueError(f"batch_size {batch_size} not divisible by grad_accum {grad_accum_steps}")
+    mesh = _check_plan_args(mesh_shape, batch_size, grad_accum_steps, remat, reference)
+    cb = _dtype_bytes(compute_dtype)
+    blocks = param_blocks(qwen_config, tuple(mesh.values()))
+    per_device, warnings = _state_bytes(
+        blocks,
+        weight_ways=weight_shard_factor(mesh),
+        param_bytes=_dtype_bytes(param_dtype),
+        reference_bytes=cb if reference == "model" else 0,
+        grad_accum_steps=grad_accum_steps,
+    )
     micro = batch_size // grad_accum_steps
-    batch_devices = data * fsdp
-    rows = 2 * micro / batch_devices
-    if (2 * micro) % batch_devices or micro % batch_devices:
-        warnings.append(
-            f"the micro-batch of {micro} pairs does not split evenly over data x fsdp = "
-            f"{batch_devices} devices (shard_batch needs batch_size / grad_accum_steps to be a "
-            "multiple of it)"
-        )
-        rows = math.ceil(2 * micro / batch_devices)
-    chunk = capped_chunk_size(
-        logprob_chunk_size or None,
-        rows_per_device=math.ceil(rows),
-        vocab_per_device=math.ceil(qwen_config.vocab_size / tensor),
+    rows = _rows_per_device(micro, batch_multiple(mesh), warnings)
+    chunk = lm_head_chunk_size(
+        logprob_chunk_size,
         max_chunk_mib=logprob_chunk_mib,
+        rows_per_step=2 * batch_size,
+        grad_accum_steps=grad_accum_steps,
+        mesh_shape=mesh,
+        vocab_size=qwen_config.vocab_size,
     )
     terms = activation_terms(
         qwen_config,
         rows=rows,
         seq_len=max_length,
-        tensor=tensor,
+        tensor=mesh["tensor"],
         compute_bytes=cb,
         remat=remat,
         chunk=chunk,
-        fsdp=fsdp,
+        fsdp=mesh["fsdp"],
     )
-    activations = sum(terms.values())
-    per_device = {
-        "params": params,
-        "gradients": gradients,
-        "optimizer": optimizer,
-        "reference": ref,
-        "activations": activations,
-    }
+    per_device["activations"] = sum(terms.values())
     per_device["total"] = sum(per_device.values())
     return {
-        "model": {
-            "model_type": qwen_config.model_type,
-            "num_params": total_params,
-            "layers": qwen_config.num_hidden_layers,
-            "hidden_size": qwen_config.hidden_size,
-            "vocab_size": qwen_config.vocab_size,
-            "tied_embeddings": qwen_config.tie_word_embeddings,
-        },
-        "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor, "devices": data * fsdp * tensor},
+        "model": _model_summary(qwen_config, blocks),
+        "mesh": {**mesh, "devices": math.prod(mesh.values())},
         "batch": {
             "batch_size": batch_size,
             "grad_accum_steps": grad_accum_steps,
@@ -245,12 +210,8 @@ def memory_plan(
             "max_length": max_length,
         },
         "settings": {
-            "param_dtype": str(np.dtype(param_dtype))
-            if not isinstance(param_dtype, str)
-            else param_dtype,
-            "compute_dtype": str(np.dtype(compute_dtype))
-            if not isinstance(compute_dtype, str)
-            else compute_dtype,
+            "param_dtype": _dtype_name(param_dtype),
+            "compute_dtype": _dtype_name(compute_dtype),
             "remat": remat,
             "logprob_chunk_size": chunk,
             "logprob_chunk_mib": logprob_chunk_mib,
@@ -260,6 +221,88 @@ def memory_plan(
         "activation_terms": terms,
         "warnings": warnings,
     }
+
+
+def _check_plan_args(
+    mesh_shape: tuple[int, int, int],
+    batch_size: int,
+    grad_accum_steps: int,
+    remat: str,
+    reference: str,
+) -> dict[str, int]:
+    """The mesh as {data, fsdp, tensor} sizes, after checking `memory_plan`'s arguments."""
+    if reference not in REFERENCE_MODES:
+        raise ValueError(f"reference={reference!r}; valid: {', '.join(REFERENCE_MODES)}")
+    if remat not in ("none", "full", "dots"):
+        raise ValueError(f"remat={remat!r}; valid: none, full, dots")
+    sizes = tuple(int(x) for x in mesh_shape)
+    if min(sizes) < 1:
+        raise ValueError(f"mesh_shape {mesh_shape}: sizes must be >= 1 (resolve -1 first)")
+    if batch_size % grad_accum_steps:
+        raise ValueError(f"batch_size {batch_size} not divisible by grad_accum {grad_accum_steps}")
+    return dict(zip(MESH_AXES, sizes, strict=True))
+
+
+def _state_bytes(
+    blocks: dict[str, dict[str, Any]],
+    *,
+    weight_ways: int,
+    param_bytes: int,
+    reference_bytes: int,
+    grad_accum_steps: int,
+) -> tuple[dict[str, float], list[str]]:
+    """Per-device bytes of params, gradients, optimizer and reference, and a warning for the
+    large parameters a dimension that does not divide leaves (partly) whole."""
+    local_params = sum(b["local_elements"] for b in blocks.values())
+    unsplit = [
+        f"{path} {b['shape']}"
+        for path, b in blocks.items()
+        if math.prod(b["shape"]) > 1 << 20
+        and b["local_elements"] * weight_ways > 1.5 * math.prod(b["shape"])
+    ]
+    warnings = []
+    if unsplit:
+        warnings.append(
+            "large parameters not split over fsdp x tensor (a dimension does not divide): "
+            + ", ".join(unsplit)
+        )
+    fp32_accumulator = local_params * 4 if grad_accum_steps > 1 else 0
+    per_device = {
+        "params": local_params * param_bytes,
+        "gradients": local_params * param_bytes + fp32_accumulator,
+        "optimizer": 2 * local_params * param_bytes,
+        "reference": local_params * reference_bytes,
+    }
+    return per_device, warnings
+
+
+def _rows_per_device(micro_batch: int, batch_devices: int, warnings: list[str]) -> float:
+    """Chosen + rejected rows of one micro-batch on one device; appends a warning (and rounds
+    up) when the micro-batch does not split evenly over the data x fsdp devices."""
+    rows = 2 * micro_batch / batch_devices
+    if (2 * micro_batch) % batch_devices or micro_batch % batch_devices:
+        warnings.append(
+            f"the micro-batch of {micro_batch} pairs does not split evenly over data x fsdp = "
+            f"{batch_devices} devices (shard_batch needs batch_size / grad_accum_steps to be a "
+            "multiple of it)"
+        )
+        rows = math.ceil(2 * micro_batch / batch_devices)
+    return rows
+
+
+def _model_summary(cfg: QwenConfig, blocks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "model_type": cfg.model_type,
+        "num_params": sum(math.prod(b["shape"]) for b in blocks.values()),
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "tied_embeddings": cfg.tie_word_embeddings,
+    }
+
+
+def _dtype_name(dtype: Any) -> str:
+    return dtype if isinstance(dtype, str) else str(np.dtype(dtype))
 
 
 def activation_terms(

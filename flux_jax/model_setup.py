@@ -5,6 +5,10 @@
 see model_source.py for which spellings are hub ids), or "builtin:NAME" for a randomly
 initialised preset shape (the tiny demo model, benchmark shapes), whose parameters are created
 directly on their shardings.
+
+The model-specific placement helpers live here too: `split_model` (graphdef + a plain parameter
+dict) and `shard_params_like`, which places a Qwen parameter dict built outside the model (a
+reference copy, host weights) on the shardings model.py's logical axes give it.
 """
 
 from __future__ import annotations
@@ -13,17 +17,17 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from flux_jax.hf_io import as_dtype, load_pretrained
 from flux_jax.model_source import resolve_model_dir
+from flux_jax.models.qwen.config import QwenConfig
 from flux_jax.models.qwen.model import QwenForCausalLM, build_model
-from flux_jax.models.qwen.presets import PRESETS
-from flux_jax.sharding import batch_sharding, state_shardings
-
-BUILTIN_PREFIX = "builtin:"
+from flux_jax.models.qwen.presets import BUILTIN_PREFIX, PRESETS
+from flux_jax.sharding import batch_sharding, logical_sharding, state_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +90,7 @@ def _builtin_preset(model_path: str):
     if name not in PRESETS:
         raise ValueError(
             f"model_path {model_path!r}: unknown builtin model; available: "
-            + ", ".join(f"builtin:{n}" for n in sorted(PRESETS))
+            + ", ".join(BUILTIN_PREFIX + n for n in sorted(PRESETS))
         )
     return PRESETS[name]
 
@@ -127,3 +131,90 @@ def load_model(model_path: str, options: ModelOptions, mesh: Mesh | None) -> Qwe
     # Initialise inside jit with output shardings: each device creates only its own slice.
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=shardings)()
     return nnx.merge(graphdef, params)
+
+
+def split_model(model: QwenForCausalLM) -> tuple[nnx.GraphDef, dict[str, Any]]:
+    """The model's static structure and its parameters as a plain nested dict of arrays."""
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Placing a parameter tree built outside the model
+
+
+def shard_params_like(
+    params: Any, mesh: Mesh, *, dtype: Any = None, copy: bool = False
+) -> dict[str, Any]:
+    """A Qwen parameter dict (as from `nnx.to_pure_dict`) placed on its shardings over `mesh`.
+
+    For a tree built outside the model, such as a reference copy in another dtype or weights read
+    on the host. The logical axes come from the model itself (model.py's annotations, for the
+    architecture the shapes describe), so this cannot drift from what `state_shardings` gives.
+    Host (numpy) leaves are placed with `jax.make_array_from_callback`, so on a multi-host run a
+    process copies only the blocks its devices hold. `dtype` casts (e.g. bf16 for the frozen
+    reference). Where neither placement nor dtype changes, the result may share buffers with
+    `params`: pass `copy=True` when `params` will be donated (e.g. the policy's parameters that
+    the train step updates in place) and the result must outlive that.
+    """
+    axes_tree = qwen_logical_axes(params)
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+
+    def place(axes: tuple[str | None, ...], x: Any) -> jax.Array:
+        target = logical_sharding(mesh, axes, x.shape)
+        out_dtype = np.dtype(dtype if dtype is not None else x.dtype)
+        if not isinstance(x, jax.Array):
+            host = np.asarray(x)
+            return jax.make_array_from_callback(
+                host.shape, target, lambda index: host[index].astype(out_dtype), dtype=out_dtype
+            )
+        out = jax.device_put(x, target)
+        if out.dtype != out_dtype:
+            return out.astype(out_dtype)  # elementwise: keeps the sharding, new buffers
+        return jax.numpy.copy(out) if copy and out is x else out
+
+    return jax.tree.map(place, axes_tree, params, is_leaf=is_axes)
+
+
+def qwen_logical_axes(params: Any) -> dict[str, Any]:
+    """The logical axes of every parameter of a Qwen parameter dict, same tree, from model.py."""
+    abstract = build_model(_architecture_of(params), abstract=True)
+    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    axes: dict[str, Any] = {}
+    for path, var in flat:
+        node = axes
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = tuple(var.get_metadata()["logical_axes"])
+    got = jax.tree.structure(jax.tree.map(lambda _: 0, params))
+    want = jax.tree.structure(
+        jax.tree.map(lambda _: 0, axes, is_leaf=lambda x: isinstance(x, tuple))
+    )
+    if got != want:
+        raise ValueError(
+            f"not a Qwen parameter dict of the shape model.py builds:\n  got  {got}\n  want {want}"
+        )
+    return axes
+
+
+def _architecture_of(params: Any) -> QwenConfig:
+    """The QwenConfig whose parameter shapes these are (numerics fields left at defaults)."""
+    try:
+        vocab, hidden = params["embed_tokens"]["embedding"].shape
+        attn = params["layers"]["self_attn"]
+        layers, _, heads, head_dim = attn["q_proj"]["kernel"].shape
+        kv_heads = attn["k_proj"]["kernel"].shape[2]
+        mlp = params["layers"]["mlp"]["gate_proj"]["kernel"].shape[2]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not a Qwen parameter dict (as from nnx.to_pure_dict): {e!r}") from e
+    return QwenConfig(
+        model_type="qwen2" if "bias" in attn["q_proj"] else "qwen3",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        tie_word_embeddings="lm_head" not in params,
+    )

@@ -120,3 +120,23 @@ def test_plan_reports_fit(capsys):
 def test_plot(run_dir):
     assert main(["plot", str(run_dir)]) == 0
     assert (run_dir / "metrics.png").exists()
+
+
+def test_data_check_defaults_and_format_choices_are_the_config_s():
+    """`data check` measures against the lengths training would use, and --format accepts the
+    formats the config accepts: both come from the config schema, not copies."""
+    from flux_jax.cli import _parser
+    from flux_jax.config import FluxConfig
+    from flux_jax.config_schema import LEAVES
+
+    args = _parser().parse_args(["data", "check", "f.jsonl", "--tokenizer", "builtin:tiny-qwen3"])
+    default = FluxConfig.default().data
+    assert (args.format, args.max_length, args.max_prompt_length) == (
+        default.format,
+        default.max_length,
+        default.max_prompt_length,
+    )
+    for fmt in LEAVES["data.format"].choices:
+        assert _parser().parse_args(["train", "--format", fmt]).format == fmt
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "--format", "nope"])

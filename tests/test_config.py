@@ -141,6 +141,23 @@ def test_py_config_loads_validates_and_documents_itself(path):
     assert re.search(r'def get_config\(.*\).*:\n\s+"""', text), "get_config needs a docstring"
 
 
+@pytest.mark.parametrize("path", [*PY_CONFIGS, REPO / "flux_jax" / "demo.py"], ids=lambda p: p.name)
+def test_config_files_set_only_what_differs_from_the_default(path):
+    """Every `config.a.b = <literal>` in a config file changes the default: a reader sees the
+    run's choices, not a copy of the schema."""
+    import ast
+
+    default = FluxConfig.default()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)):
+            continue
+        for target in node.targets:
+            dotted = ast.unparse(target)
+            if dotted.startswith("config."):
+                key = dotted.removeprefix("config.")
+                assert node.value.value != default[key], f"{path.name}: {key} is the default"
+
+
 def test_qwen3_8b_config_is_the_tutorial_run():
     config = FluxConfig.from_file(str(CONFIGS / "dpo_qwen3_8b.py"))
     tutorial = FluxConfig.from_yaml(CONFIGS / "dpo-config.yaml")

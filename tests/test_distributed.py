@@ -120,6 +120,8 @@ def _train(ckpt_dir: str) -> dict:
     from flux_jax import hf_io, optim
     from flux_jax import sharding as sh
     from flux_jax import train_step as ts
+    from flux_jax.model_setup import shard_params_like, split_model
+    from flux_jax.sharding_check import check_sharding
     from tests.train_fixtures import random_pair_batch
 
     bytes_read = [0]
@@ -136,18 +138,18 @@ def _train(ckpt_dir: str) -> dict:
         model = hf_io.load_pretrained(ckpt_dir, mesh=mesh)
     finally:
         hf_io.SafetensorsCheckpoint.read = read
-    graphdef, params = ts.split_model(model)
-    ref_params = sh.shard_params_like(params, mesh, copy=True)
+    graphdef, params = split_model(model)
+    ref_params = shard_params_like(params, mesh, copy=True)
     tx = optim.make_optimizer(learning_rate=1e-2, num_steps=STEPS)
     schedule = optim.make_schedule(learning_rate=1e-2, num_steps=STEPS)
     state = ts.init_train_state(params, tx)
-    report = sh.check_sharding(state, mesh, reference=ref_params)
+    report = check_sharding(state, mesh, reference=ref_params)
     step = ts.make_train_step(
         graphdef,
         tx,
         schedule,
         ts.DPOSettings(logprob_chunk_size=None),
-        state_shardings=ts.state_shardings_of(state),
+        state_shardings=sh.state_shardings_of(state),
     )
     # This process's rows of each global batch: the blocks its devices hold, in order.
     blocks = sh.batch_sharding(mesh).addressable_devices_indices_map((PAIRS,))
@@ -157,14 +159,14 @@ def _train(ckpt_dir: str) -> dict:
     batches = []
     for seed in range(STEPS):
         global_batch = random_pair_batch(PAIRS, LENGTH, seed=seed)
-        batches.append(ts.shard_batch({k: v[rows] for k, v in global_batch.items()}, mesh))
+        batches.append(sh.shard_batch({k: v[rows] for k, v in global_batch.items()}, mesh))
     # Compiled once, up front, with cheaper CPU code generation (the partitioning is the same).
     step = step.lower(state, batches[0], ref_params).compile(FAST_COMPILE)
     losses = []
     for batch in batches:
         state, metrics = step(state, batch, ref_params)
         losses.append(float(metrics["loss"]))
-    after = sh.check_sharding(state, mesh, reference=ref_params)  # the step kept the layout
+    after = check_sharding(state, mesh, reference=ref_params)  # the step kept the layout
     assert after.device_bytes("opt_state") == report.device_bytes("opt_state")
     squares = jax.jit(lambda p: sum((x.astype("float32") ** 2).sum() for x in jax.tree.leaves(p)))
     return {

@@ -236,3 +236,39 @@ def test_capped_chunk_size(chunk, rows, vocab, mib, expected):
     assert capped == expected
     if capped is not None and mib > 0 and capped > 1:
         assert 4 * rows * capped * vocab <= mib * 2**20  # one chunk's fp32 logits fit the cap
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, pairs, accum, vocab, expected_rows, expected_vocab",
+    [
+        # 8 pairs = 16 rows, one micro-batch, split over data x fsdp = 8: 2 rows per device
+        ({"data": 1, "fsdp": 8, "tensor": 1}, 8, 1, 151_936, 2, 151_936),
+        ({"data": 2, "fsdp": 2, "tensor": 2}, 8, 2, 151_936, 2, 75_968),
+        # more devices than rows, and a vocabulary that does not divide: both round up
+        ({"data": 1, "fsdp": 8, "tensor": 3}, 2, 1, 1000, 1, 334),
+    ],
+)
+def test_lm_head_chunk_size_caps_for_one_device_s_rows(
+    mesh_shape, pairs, accum, vocab, expected_rows, expected_vocab
+):
+    """The trainer's, the memory plan's and the bench's chunk: capped_chunk_size of the rows and
+    the vocabulary one device holds of a micro-batch."""
+    got = logprobs.lm_head_chunk_size(
+        512,
+        max_chunk_mib=256,
+        rows_per_step=2 * pairs,
+        grad_accum_steps=accum,
+        mesh_shape=mesh_shape,
+        vocab_size=vocab,
+    )
+    assert got == capped_chunk_size(512, expected_rows, expected_vocab, 256)
+    # 0 means unchunked, whatever the cap.
+    unchunked = logprobs.lm_head_chunk_size(
+        0,
+        max_chunk_mib=256,
+        rows_per_step=2 * pairs,
+        grad_accum_steps=accum,
+        mesh_shape=mesh_shape,
+        vocab_size=vocab,
+    )
+    assert unchunked is None

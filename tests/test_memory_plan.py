@@ -20,6 +20,7 @@ from flux_jax.memory_plan import (
 )
 from flux_jax.models.qwen.model import build_model
 from flux_jax.models.qwen.presets import PRESETS, resolve_architecture
+from flux_jax.sharding_check import check_sharding
 
 GIB = 1 << 30
 
@@ -80,7 +81,7 @@ def test_parameter_bytes_equal_the_placement(name, mesh_shape):
         nnx.to_pure_dict(state),
         nnx.to_pure_dict(sh.state_shardings(state, mesh)),
     )
-    report = sh.check_sharding(abstract, mesh)
+    report = check_sharding(abstract, mesh)
     plan = _plan(name, mesh_shape, batch_size=8, grad_accum_steps=1)
     assert report.device_bytes("params") == plan["per_device"]["params"]
 

@@ -12,13 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from flux_jax import optim
 from flux_jax import sharding as sh
 from flux_jax import train_step as ts
 from flux_jax.memory_plan import memory_plan
+from flux_jax.model_setup import shard_params_like, split_model
 from flux_jax.models.qwen.model import build_model
 from flux_jax.models.qwen.presets import PRESETS
+from flux_jax.sharding_check import ShardingError, check_sharding
 from tests.train_fixtures import TINY, random_pair_batch
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
@@ -51,7 +54,7 @@ def _loss_and_grads(graphdef, params, batch, ref_params):
 @pytest.fixture(scope="module")
 def single_device():
     """Host copies of the policy and reference, and the one-device loss and gradients."""
-    graphdef, ref_params = ts.split_model(build_model(TINY, seed=0))
+    graphdef, ref_params = split_model(build_model(TINY, seed=0))
     params = _perturbed(ref_params)
     host_batch = random_pair_batch(NUM_PAIRS, LENGTH, seed=3)
     batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
@@ -68,9 +71,9 @@ def test_sharded_step_matches_single_device_and_plan(single_device, mesh_shape):
     graphdef, _ = nnx.split(
         build_model(TINY, abstract=True, activation_sharding=sh.batch_sharding(mesh))
     )
-    params = sh.shard_params_like(host_params, mesh)
-    ref_params = sh.shard_params_like(host_ref, mesh)
-    batch = ts.shard_batch(host_batch, mesh)
+    params = shard_params_like(host_params, mesh)
+    ref_params = shard_params_like(host_ref, mesh)
+    batch = sh.shard_batch(host_batch, mesh)
     q = params["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.sharding.mesh.shape == dict(zip(sh.MESH_AXES, mesh_shape, strict=True))
 
@@ -85,7 +88,7 @@ def test_sharded_step_matches_single_device_and_plan(single_device, mesh_shape):
 
     tx = optim.make_optimizer(learning_rate=1e-3, num_steps=10)
     state = ts.init_train_state(params, tx)
-    report = sh.check_sharding(state, mesh, reference=ref_params)
+    report = check_sharding(state, mesh, reference=ref_params)
     plan = memory_plan(
         TINY,
         mesh_shape=mesh_shape,
@@ -103,13 +106,13 @@ def test_sharded_step_matches_single_device_and_plan(single_device, mesh_shape):
 
 def test_replicated_state_is_refused():
     mesh = sh.make_mesh(1, 8, 1)
-    _, host_params = ts.split_model(build_model(TINY, seed=0))
-    good = sh.shard_params_like(host_params, mesh)
+    _, host_params = split_model(build_model(TINY, seed=0))
+    good = shard_params_like(host_params, mesh)
     bad = jax.device_put(host_params, sh.replicated(mesh))
     # TINY is 95 KiB: with no absolute slack, only the proportional check is left.
-    assert sh.check_sharding(good, mesh, slack_bytes=0).ok
-    with pytest.raises(sh.ShardingError) as info:
-        sh.check_sharding(bad, mesh, slack_bytes=0)
+    assert check_sharding(good, mesh, slack_bytes=0).ok
+    with pytest.raises(ShardingError) as info:
+        check_sharding(bad, mesh, slack_bytes=0)
     message = str(info.value)
     assert "TOO BIG" in message and "P()" in message
     assert (
@@ -129,20 +132,20 @@ def test_replicated_state_is_refused():
     replicated = jax.tree.map(
         lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh.replicated(mesh)), sharded
     )
-    assert sh.check_sharding(sharded, mesh).ok
-    with pytest.raises(sh.ShardingError):
-        sh.check_sharding(replicated, mesh)
+    assert check_sharding(sharded, mesh).ok
+    with pytest.raises(ShardingError):
+        check_sharding(replicated, mesh)
 
 
 def test_unsharded_optimiser_state_is_refused():
     """What `jax.jit(tx.init)` alone does: moments on one device, caught by the check."""
     mesh = sh.make_mesh(1, 8, 1)
-    _, host_params = ts.split_model(build_model(TINY, seed=0))
-    params = sh.shard_params_like(host_params, mesh)
+    _, host_params = split_model(build_model(TINY, seed=0))
+    params = shard_params_like(host_params, mesh)
     tx = optim.make_optimizer(learning_rate=1e-3, num_steps=10)
     naive = {"params": params, "opt_state": jax.jit(tx.init)(params)}
-    with pytest.raises(sh.ShardingError, match="opt_state"):
-        sh.check_sharding(naive, mesh, slack_bytes=0)
+    with pytest.raises(ShardingError, match="opt_state"):
+        check_sharding(naive, mesh, slack_bytes=0)
     state = ts.init_train_state(params, tx)
     mu = state["opt_state"][1][0].mu["layers"]["mlp"]["up_proj"]["kernel"]
     assert mu.sharding == params["layers"]["mlp"]["up_proj"]["kernel"].sharding
@@ -152,22 +155,22 @@ def test_unsharded_optimiser_state_is_refused():
 def test_shard_params_like_places_casts_and_copies():
     mesh = sh.make_mesh(2, 2, 2)
     model = build_model(TINY, seed=0)
-    graphdef, host_params = ts.split_model(model)
+    graphdef, host_params = split_model(model)
     want = nnx.to_pure_dict(sh.state_shardings(nnx.state(model, nnx.Param), mesh))
     numpy_params = jax.tree.map(np.asarray, host_params)
-    placed = sh.shard_params_like(numpy_params, mesh)
+    placed = shard_params_like(numpy_params, mesh)
     assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding == s, placed, want))
-    ref = sh.shard_params_like(placed, mesh, dtype=jnp.bfloat16)
+    ref = shard_params_like(placed, mesh, dtype=jnp.bfloat16)
     assert {x.dtype for x in jax.tree.leaves(ref)} == {jnp.dtype(jnp.bfloat16)}
     assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding == s, ref, want))
-    same = sh.shard_params_like(placed, mesh)
-    copied = sh.shard_params_like(placed, mesh, copy=True)
+    same = shard_params_like(placed, mesh)
+    copied = shard_params_like(placed, mesh, copy=True)
     leaves = zip(*map(jax.tree.leaves, (placed, same, copied)), strict=True)
     for a, b, c in leaves:
         assert b is a and c is not a
         np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
     with pytest.raises(ValueError, match="Qwen parameter dict"):
-        sh.shard_params_like({"w": np.zeros(3)}, mesh)
+        shard_params_like({"w": np.zeros(3)}, mesh)
 
 
 def test_mesh_from_config():
@@ -181,3 +184,39 @@ def test_mesh_from_config():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1}
     with pytest.raises(ValueError, match="8 devices"):
         sh.mesh_from_config({"data": 3, "fsdp": 1, "tensor": 1})
+
+
+def test_batch_multiple_and_weight_shard_factor_of_a_mesh_or_its_shape():
+    mesh = sh.make_mesh(2, 2, 2)
+    assert sh.batch_multiple(mesh) == 4 == sh.batch_multiple({"data": 2, "fsdp": 2, "tensor": 2})
+    assert sh.batch_multiple(sh.make_mesh(1, 8, 1)) == 8
+    assert sh.batch_multiple({"data": 8, "fsdp": 1, "tensor": 1}) == 8
+    assert sh.weight_shard_factor(mesh) == 4 == sh.weight_shard_factor(dict(mesh.shape))
+    assert sh.weight_shard_factor({"data": 8, "fsdp": 1, "tensor": 1}) == 1
+    # The batch splits as batch_sharding places it: one block per data x fsdp device group.
+    host = {"x": np.arange(8 * 3).reshape(8, 3)}
+    x = sh.shard_batch(host, mesh)["x"]
+    assert x.sharding == sh.batch_sharding(mesh)
+    assert x.addressable_shards[0].data.shape == (8 // sh.batch_multiple(mesh), 3)
+
+
+def test_logical_sharding_is_the_spec_on_the_mesh():
+    mesh = sh.make_mesh(1, 2, 4)
+    got = sh.logical_sharding(mesh, ("embed", "vocab"), (64, 512))
+    assert got == NamedSharding(mesh, PartitionSpec("fsdp", "tensor"))
+    # A dimension that does not divide stays whole.
+    uneven = sh.logical_sharding(mesh, ("embed", "vocab"), (63, 510))
+    assert uneven.spec == PartitionSpec(None, None)
+
+
+def test_moved_names_stay_importable_from_sharding():
+    """check_sharding & co. moved to sharding_check / model_setup; old imports still work."""
+    import flux_jax.model_setup
+    import flux_jax.sharding_check
+
+    assert sh.check_sharding is check_sharding
+    assert sh.ShardingError is ShardingError
+    assert sh.shard_params_like is flux_jax.model_setup.shard_params_like
+    assert sh.ShardingReport is flux_jax.sharding_check.ShardingReport
+    with pytest.raises(AttributeError, match="no_such_name"):
+        sh.no_such_name  # noqa: B018

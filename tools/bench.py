@@ -209,12 +209,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--response-len", type=int, default=128)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-    parser.add_argument("--chunk", type=int, default=512, help="LM head chunk; 0 = unchunked")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        help="LM head chunk; 0 = unchunked (default: the config's model.logprob_chunk_size)",
+    )
     parser.add_argument(
         "--chunk-mib",
         type=float,
-        default=256,
-        help="cap on one chunk's fp32 logits per device, as model.logprob_chunk_mib; 0 = no cap",
+        help="cap on one chunk's fp32 logits per device, as model.logprob_chunk_mib (default: "
+        "the config's); 0 = no cap",
     )
     parser.add_argument("--reference", default="model", choices=["model", "precomputed", "none"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -319,31 +323,32 @@ def resolved_attention(args: argparse.Namespace) -> str | None:
     ).attention_impl
 
 
-def build_params(cfg: Any, args: argparse.Namespace, mesh: Any) -> tuple[Any, Any]:
-    """(graphdef, params) of a random model, each parameter created on its mesh sharding."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+def with_config_defaults(chunk: int | None, chunk_mib: float | None) -> tuple[int, float]:
+    """--chunk and --chunk-mib, each defaulting to the config's (model.logprob_chunk_size, _mib)."""
+    from flux_jax.config_schema import LEAVES
 
-    from flux_jax.models.qwen.model import build_model
-    from flux_jax.sharding import batch_sharding, state_shardings
+    if chunk is None:
+        chunk = LEAVES["model.logprob_chunk_size"].default
+    if chunk_mib is None:
+        chunk_mib = LEAVES["model.logprob_chunk_mib"].default
+    return chunk, chunk_mib
 
-    def make():
-        return build_model(
-            cfg,
-            seed=args.seed,
-            param_dtype=jnp.float32,
-            compute_dtype=jnp.dtype(args.dtype),
-            remat=args.remat,
-            attention_impl=resolved_attention(args),
-            activation_sharding=batch_sharding(mesh),
-        )
 
-    abstract = nnx.eval_shape(make)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = nnx.to_pure_dict(state_shardings(abstract_state, mesh))
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())), out_shardings=shardings)()
-    return graphdef, params
+def build_params(name: str, args: argparse.Namespace, mesh: Any) -> tuple[Any, Any]:
+    """(graphdef, params) of the random preset `name`, built as the trainer builds a builtin
+    model: each parameter created on its mesh sharding, fp32 master weights."""
+    from flux_jax.model_setup import ModelOptions, load_model, split_model
+    from flux_jax.models.qwen.presets import BUILTIN_PREFIX
+
+    options = ModelOptions(
+        param_dtype="float32",
+        compute_dtype=args.dtype,
+        remat=args.remat,
+        attention=args.attention,
+        seed=args.seed,
+        branch_masks=args.layout != "standard",
+    )
+    return split_model(load_model(BUILTIN_PREFIX + name, options, mesh))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -353,7 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from flux_jax import flops, logprobs, optim
     from flux_jax import train_step as ts
     from flux_jax.models.qwen.presets import PRESETS
-    from flux_jax.sharding import make_mesh
+    from flux_jax.sharding import make_mesh, shard_batch, state_shardings_of
 
     name = MODEL_ALIASES.get(args.model, args.model)
     if name not in PRESETS:
@@ -373,19 +378,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         peak, peak_source = table_peak_flops(jax.devices())
     mesh = make_mesh(*args.mesh)
-    graphdef, params = build_params(cfg, args, mesh)
-    # The trainer's chunk rule (FluxTrainer._logprob_chunk_size): --chunk, capped at --chunk-mib
-    # MiB of logits per device for the rows one device holds in a micro-batch.
+    graphdef, params = build_params(name, args, mesh)
+    # The trainer's chunk rule: --chunk, capped at --chunk-mib MiB of logits per device for the
+    # rows one device holds in a micro-batch (rows of this layout, not always 2 x pairs).
     rows = (
         2 * args.batch
         if args.layout == "standard"
         else args.batch // (args.pairs_per_row if args.layout == "packed" else 1)
     )
-    chunk = logprobs.capped_chunk_size(
-        args.chunk or None,
-        rows_per_device=-(-rows // args.grad_accum // (mesh.shape["data"] * mesh.shape["fsdp"])),
-        vocab_per_device=-(-cfg.vocab_size // mesh.shape["tensor"]),
+    args.chunk, args.chunk_mib = with_config_defaults(args.chunk, args.chunk_mib)
+    chunk = logprobs.lm_head_chunk_size(
+        args.chunk,
         max_chunk_mib=args.chunk_mib,
+        rows_per_step=rows,
+        grad_accum_steps=args.grad_accum,
+        mesh_shape=mesh.shape,
+        vocab_size=cfg.vocab_size,
     )
     settings = ts.DPOSettings(
         reference_free=args.reference == "none",
@@ -406,7 +414,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sample_pairs(args.batch, args.prompt_len, args.response_len, cfg.vocab_size, args.seed + i)
         for i in range(num_steps)
     ]
-    batches = [ts.shard_batch(collate_layout(pairs, length, args), mesh) for pairs in host_pairs]
+    batches = [shard_batch(collate_layout(pairs, length, args), mesh) for pairs in host_pairs]
 
     ref_precompute_s = None
     if args.reference == "precomputed":
@@ -424,7 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     state = ts.init_train_state(params, tx)
     del params
     step_fn = ts.make_train_step(
-        graphdef, tx, schedule, settings, state_shardings=ts.state_shardings_of(state)
+        graphdef, tx, schedule, settings, state_shardings=state_shardings_of(state)
     )
     start = time.perf_counter()
     compiled = step_fn.lower(state, batches[0], ref_params).compile()

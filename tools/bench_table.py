@@ -59,7 +59,7 @@ SUITES: dict[str, list[tuple[str, str, list[str]]]] = {
         ),
         ("unchunked, window", "flux", [*CPU_BASE, "--model", "bigvocab", "--chunk", "0"]),
         ("--chunk-mib 0", "flux", [*CPU_BASE, "--model", "bigvocab", "--chunk-mib", "0"]),
-        ("default (--chunk-mib 256)", "flux", [*CPU_BASE, "--model", "bigvocab"]),
+        ("default --chunk-mib (the config's)", "flux", [*CPU_BASE, "--model", "bigvocab"]),
         ("--chunk-mib 128", "flux", [*CPU_BASE, "--model", "bigvocab", "--chunk-mib", "128"]),
         ("--chunk-mib 64", "flux", [*CPU_BASE, "--model", "bigvocab", "--chunk-mib", "64"]),
     ],

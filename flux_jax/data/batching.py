@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from flux_jax.config_schema import LEAVES
 from flux_jax.data.tokenization import PreferenceExample
 
 BATCH_KEYS = tuple(
@@ -51,12 +52,13 @@ def default_bucket_lengths(max_length: int, min_length: int = 64) -> tuple[int, 
     return (*lengths, max_length)
 
 
-# The trainer's default ladder (data.bucket_ratio, data.bucket_multiple): each bucket at most
-# 12.5% longer than the one before, so a batch pads at most ~12% past its longest row, in steps
-# of 32 tokens. From 64 to max_length that is 22 lengths for 1024, 28 for 2048, 34 for 4096
-# (each compiles into at most len(SCORE_WINDOW_FRACTIONS) + 1 step shapes).
-DEFAULT_BUCKET_RATIO = 1.125
-DEFAULT_BUCKET_MULTIPLE = 32
+# The trainer's default ladder (the config's data.bucket_ratio and data.bucket_multiple, defined
+# in config_schema): each bucket at most 12.5% longer than the one before, so a batch pads at
+# most ~12% past its longest row, in steps of 32 tokens. From 64 to max_length that is 22
+# lengths for 1024, 28 for 2048, 34 for 4096 (each compiles into at most
+# len(SCORE_WINDOW_FRACTIONS) + 1 step shapes).
+DEFAULT_BUCKET_RATIO = LEAVES["data.bucket_ratio"].default
+DEFAULT_BUCKET_MULTIPLE = LEAVES["data.bucket_multiple"].default
 
 
 def geometric_bucket_lengths(

@@ -28,6 +28,7 @@ import grain
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from flux_jax.config_schema import LEAVES
 from flux_jax.data.batching import check_bucket_lengths, collate_pairs, default_bucket_lengths
 from flux_jax.data.length_grouping import length_grouped_order
 from flux_jax.data.loading import load_preference_examples
@@ -52,8 +53,8 @@ def make_preference_iterator(
     bucket_lengths: Sequence[int] | None = None,
     drop_truncated: bool = False,
     on_bad_record: str = "error",
-    num_threads: int = 2,
-    prefetch: int = 8,
+    num_threads: int = LEAVES["data.num_threads"].default,
+    prefetch: int = LEAVES["data.prefetch"].default,
 ) -> tuple[grain.DatasetIterator, DataStats]:
     """An iterator of padded batch dicts (see `flux_jax.data.batching`) over this process's share
     of the data at `path`, and the loading stats."""
