@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from flux_jax.dpo import LOSS_TYPES  # the loss registry: a new loss type is one function there
+from flux_jax.logprobs import DEFAULT_CHUNK_SIZE  # also the library default of the LM-head chunk
+
 
 @dataclasses.dataclass(frozen=True)
 class Key:
@@ -24,7 +27,7 @@ class Key:
 ALGORITHMS_IMPLEMENTED = ("dpo",)
 
 # The whole schema, in the order `to_dict`/`to_yaml` write it. Each doc says what the key means
-# and its unit; the range checks live in `_range_errors`.
+# and its unit; the range checks live in flux_jax/config_rules.py.
 SCHEMA: dict[str, Any] = {
     # HF model dir or hub id (config.json + *.safetensors), or "builtin:tiny-qwen3".
     "model_path": Key(
@@ -50,8 +53,8 @@ SCHEMA: dict[str, Any] = {
         "label_smoothing": Key(0.0, "assumed label-flip probability (cDPO/robust), [0, 0.5)"),
         "loss_type": Key(
             "sigmoid",
-            "sigmoid (DPO), ipo, hinge (SLiC) or robust (rDPO)",
-            ("sigmoid", "ipo", "hinge", "robust"),
+            f"the DPO-family loss: {', '.join(LOSS_TYPES)} (formulas: flux_jax.dpo)",
+            LOSS_TYPES,
         ),
         "sft_coef": Key(0.0, "weight of the NLL loss on chosen responses added to the loss"),
         "kl_coef": Key(0.0, "weight of a KL(policy || reference) penalty added to the loss"),
@@ -117,7 +120,9 @@ SCHEMA: dict[str, Any] = {
             "attention kernel: xla, cudnn (NVIDIA flash), splash (Pallas TPU), auto (per backend)",
             ("xla", "cudnn", "splash", "auto"),
         ),
-        "logprob_chunk_size": Key(512, "positions per chunk of LM-head logits; 0 = unchunked"),
+        "logprob_chunk_size": Key(
+            DEFAULT_CHUNK_SIZE, "positions per chunk of LM-head logits; 0 = unchunked"
+        ),
         "logprob_chunk_mib": Key(
             256, "cap on one chunk's fp32 logits per device (MiB): smaller chunks; 0 = no cap"
         ),

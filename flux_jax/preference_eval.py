@@ -8,8 +8,7 @@ are means over all pairs: the same numbers as one batch holding the whole set.
 
     metrics = evaluate_preferences(policy, ref, tokenizer, "heldout.jsonl", data_format=...,
                                    max_length=1024, max_prompt_length=512, batch_size=8,
-                                   loss_type="sigmoid", beta=0.1, label_smoothing=0.0,
-                                   reference_free=False)
+                                   settings=DPOSettings(loss_type="sigmoid", beta=0.1))
     print(format_eval_table(metrics))
 """
 
@@ -38,8 +37,10 @@ from flux_jax.data import (
 )
 from flux_jax.data.pipeline import pad_token_id
 from flux_jax.data.tokenization import PreferenceExample
+from flux_jax.dpo import DPOSettings
+from flux_jax.model_setup import split_model
 from flux_jax.models.qwen.model import QwenForCausalLM
-from flux_jax.sharding import to_host
+from flux_jax.sharding import shard_batch, to_host
 
 # In the order the table shows them; dpo_loss's metrics plus the pair count.
 EVAL_METRICS = (
@@ -81,7 +82,7 @@ def _score_all(
 ) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {}
     for batch, real in batches:
-        placed = train_step.shard_batch(batch, mesh, same_on_every_process=True)
+        placed = shard_batch(batch, mesh, same_on_every_process=True)
         out = jax.tree.map(to_host, pair_logps(graphdef, params, placed, chunk_size))
         for name, value in out.items():
             parts.setdefault(name, []).append(np.asarray(value)[:real])
@@ -97,20 +98,19 @@ def evaluate_examples(
     pad_id: int,
     bucket_lengths: Sequence[int],
     batch_size: int,
-    loss_type: str = "sigmoid",
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    reference_free: bool = False,
-    logprob_chunk_size: int | None = train_step.DPOSettings.logprob_chunk_size,
+    settings: DPOSettings,
     mesh: Mesh | None = None,
 ) -> dict[str, float]:
     """DPO metrics of `params` against `ref_params` over already tokenised pairs.
 
-    The trainer's periodic eval calls this with examples it loaded once. `ref_params` may be None
-    with `reference_free=True`, or when every example carries precomputed `ref_logps`.
+    `settings` gives the loss and the LM-head chunk (its regularisers and grad accumulation do
+    not apply). The trainer's periodic eval calls this with examples it loaded once. `ref_params`
+    may be None with `settings.reference_free`, or when every example carries precomputed
+    `ref_logps`.
     Returns floats keyed by `EVAL_METRICS` and `num_pairs`.
     """
     precomputed = all(e.ref_logps is not None for e in examples)
+    reference_free = settings.reference_free
     if ref_params is None and not reference_free and not precomputed:
         raise ValueError("reference_free=False needs a reference model")
     if batch_size < 1:
@@ -131,24 +131,22 @@ def evaluate_examples(
         keys = [*BATCH_KEYS, *(k for k in SCORED_POSITION_KEYS if k in collated)]
         batches.append(({key: collated[key] for key in keys}, real))
 
-    policy = _score_all(graphdef, params, batches, logprob_chunk_size, mesh)
+    chunk_size = settings.logprob_chunk_size
+    policy = _score_all(graphdef, params, batches, chunk_size, mesh)
     if ref_params is not None:
-        ref = _score_all(graphdef, ref_params, batches, logprob_chunk_size, mesh)
+        ref = _score_all(graphdef, ref_params, batches, chunk_size, mesh)
         ref_chosen, ref_rejected = ref["chosen_logps"], ref["rejected_logps"]
     elif precomputed and not reference_free:
         ref_Nx2 = np.asarray([e.ref_logps for e in examples], np.float32)
         ref_chosen, ref_rejected = ref_Nx2[:, 0], ref_Nx2[:, 1]
     else:
         ref_chosen = ref_rejected = np.zeros_like(policy["chosen_logps"])
-    _, metrics = dpo.dpo_loss(
+    _, metrics = dpo.dpo_loss_for(
+        settings,
         policy["chosen_logps"],
         policy["rejected_logps"],
         ref_chosen,
         ref_rejected,
-        loss_type=loss_type,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        reference_free=reference_free,
         chosen_token_counts=policy["chosen_counts"],
         rejected_token_counts=policy["rejected_counts"],
     )
@@ -167,23 +165,19 @@ def evaluate_preferences(
     max_length: int,
     max_prompt_length: int,
     batch_size: int,
-    loss_type: str = "sigmoid",
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    reference_free: bool = False,
-    logprob_chunk_size: int | None = train_step.DPOSettings.logprob_chunk_size,
+    settings: DPOSettings,
     mesh: Mesh | None = None,
 ) -> dict[str, float]:
     """DPO metrics of `policy_model` against `ref_model` over every pair at `data_path`.
 
     Pairs are read and truncated as for training (`load_preference_examples`). `ref_model` may be
-    None only with `reference_free=True`; the rewards are then `beta * policy log-probs`, as in
+    None only with `settings.reference_free`; the rewards are then `beta * policy log-probs`, as in
     training. With a mesh, `batch_size` must divide over its data x fsdp devices.
 
     Returns floats keyed by `EVAL_METRICS` (means over pairs), plus `num_pairs` and
     `pairs_truncated`.
     """
-    if ref_model is None and not reference_free:
+    if ref_model is None and not settings.reference_free:
         raise ValueError("reference_free=False needs a reference model")
     examples, stats = load_preference_examples(
         data_path,
@@ -194,8 +188,8 @@ def evaluate_preferences(
     )
     if not examples:
         raise ValueError(f"{data_path}: no preference pairs to evaluate")
-    graphdef, params = train_step.split_model(policy_model)
-    ref_params = train_step.split_model(ref_model)[1] if ref_model is not None else None
+    graphdef, params = split_model(policy_model)
+    ref_params = split_model(ref_model)[1] if ref_model is not None else None
     result = evaluate_examples(
         graphdef,
         params,
@@ -204,11 +198,7 @@ def evaluate_preferences(
         pad_id=pad_token_id(tokenizer),
         bucket_lengths=default_bucket_lengths(max_length),
         batch_size=batch_size,
-        loss_type=loss_type,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        reference_free=reference_free,
-        logprob_chunk_size=logprob_chunk_size,
+        settings=settings,
         mesh=mesh,
     )
     result["pairs_truncated"] = stats.pairs_truncated

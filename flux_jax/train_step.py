@@ -1,4 +1,4 @@
-"""The jitted DPO train and eval steps.
+"""The jitted DPO train step, and the step that precomputes reference log-probs.
 
 One forward pass of the policy scores the chosen and rejected sequences together (concatenated
 along the batch); the reference is the frozen initial weights, run under stop_gradient, or
@@ -14,7 +14,6 @@ each, per-pair values [R, S], which the step flattens to [B = R * S] before the 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -22,29 +21,18 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
 
 from flux_jax import dpo, logprobs
+from flux_jax.dpo import DPOSettings  # the step's settings; importable from here too
 from flux_jax.grad_accum import accumulate_gradients, split_microbatches
-from flux_jax.models.qwen.model import QwenForCausalLM
-from flux_jax.sharding import batch_sharding, opt_state_shardings, replicated_like
+
+# Re-exported for callers not yet switched to their homes (trainer.py, commands.py,
+# preference_eval.py): model_setup.split_model, sharding.shard_batch, sharding.state_shardings_of.
+from flux_jax.model_setup import split_model  # noqa: F401
+from flux_jax.sharding import opt_state_shardings, replicated_like, shard_batch, state_shardings_of  # noqa: F401
 
 PyTree = Any
 SEQUENCE_FIELDS = ("input_ids", "loss_mask", "segment_ids", "positions")
-
-
-@dataclasses.dataclass(frozen=True)
-class DPOSettings:
-    """The loss settings a step needs; static under jit."""
-
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    reference_free: bool = False
-    sft_coef: float = 0.0
-    kl_coef: float = 0.0
-    logprob_chunk_size: int | None = 512
-    grad_accum_steps: int = 1
 
 
 def init_train_state(params: PyTree, tx: optax.GradientTransformation) -> dict[str, Any]:
@@ -58,12 +46,6 @@ def init_train_state(params: PyTree, tx: optax.GradientTransformation) -> dict[s
         "params": params,
         "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
     }
-
-
-def split_model(model: QwenForCausalLM) -> tuple[nnx.GraphDef, PyTree]:
-    """The model's static structure and its parameters as a plain nested dict of arrays."""
-    graphdef, state = nnx.split(model)
-    return graphdef, nnx.to_pure_dict(state)
 
 
 def _paired_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -208,19 +190,14 @@ def dpo_loss_fn(
     else:  # reference_free: TRL reports rewards as beta * policy log-probs then
         ref_c = ref_r = jnp.zeros_like(policy_c)
 
-    return dpo.dpo_objective(
+    return dpo.dpo_objective_for(
+        settings,
         policy_c,
         policy_r,
         ref_c,
         ref_r,
-        loss_type=settings.loss_type,
-        beta=settings.beta,
-        label_smoothing=settings.label_smoothing,
-        reference_free=settings.reference_free,
         chosen_token_counts=counts_c,
         rejected_token_counts=counts_r,
-        sft_coef=settings.sft_coef,
-        kl_coef=settings.kl_coef,
         policy_token_logps=policy_tok_NxT if settings.kl_coef > 0 else None,
         ref_token_logps=ref_tok_NxT if settings.kl_coef > 0 else None,
         token_loss_mask=mask_NxT if settings.kl_coef > 0 else None,
@@ -239,16 +216,6 @@ def batch_token_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     real = sum((batch[f"{side}_segment_ids"] > 0).sum() for side in ("chosen", "rejected"))
     scored = sum(batch[f"{side}_loss_mask"][:, 1:].sum() for side in ("chosen", "rejected"))
     return {"tokens": real.astype(jnp.float32), "response_tokens": scored.astype(jnp.float32)}
-
-
-def check_settings(settings: DPOSettings, has_ref_params: bool) -> None:
-    if settings.kl_coef > 0 and not has_ref_params:
-        raise ValueError(
-            "kl_coef > 0 needs per-token reference log-probs: use the reference model "
-            "(reference_free=False, no precomputed reference log-probs)"
-        )
-    if not settings.reference_free and not has_ref_params:
-        raise ValueError("reference_free=False needs ref_params or precomputed ref log-probs")
 
 
 def keep_if_finite(finite: jax.Array, updated: PyTree, previous: PyTree) -> PyTree:
@@ -310,20 +277,6 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
 
 
-def make_eval_step(
-    graphdef: nnx.GraphDef, settings: DPOSettings
-) -> Callable[..., dict[str, jax.Array]]:
-    """`eval_step(params, batch, ref_params) -> metrics` (the loss and rewards, no update)."""
-
-    def eval_step(params, batch, ref_params):
-        _, metrics = dpo_loss_fn(
-            params, batch, graphdef=graphdef, ref_params=ref_params, settings=settings
-        )
-        return {**metrics, **batch_token_counts(batch)}
-
-    return jax.jit(eval_step)
-
-
 def make_ref_logps_step(
     graphdef: nnx.GraphDef, chunk_size: int | None
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
@@ -337,30 +290,3 @@ def make_ref_logps_step(
         return _pair_sums(token_logps_NxT, batch)
 
     return jax.jit(ref_step)
-
-
-def shard_batch(
-    batch: dict[str, Any], mesh: Mesh | None, *, same_on_every_process: bool = False
-) -> dict[str, jax.Array]:
-    """Places a host batch on the mesh, its leading axis split over data x fsdp.
-
-    On a multi-host run each process passes its own slice of the global batch, unless
-    `same_on_every_process` (eval: every process holds the whole batch), where each process
-    places only the rows its devices hold.
-    """
-    if mesh is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
-    sharding: NamedSharding = batch_sharding(mesh)
-    if jax.process_count() == 1:
-        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-    if same_on_every_process:
-        return {
-            k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
-            for k, v in batch.items()
-        }
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-def state_shardings_of(state: PyTree) -> PyTree:
-    """The shardings of a (concrete) state, to pin a jitted step's output to them."""
-    return jax.tree.map(lambda x: x.sharding, state)

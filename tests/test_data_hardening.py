@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -180,7 +179,7 @@ def test_over_long_line_is_read_with_bounded_memory(tmp_path, suffix):
 
 
 def test_max_record_bytes_config_key_reaches_the_loader(monkeypatch):
-    from flux_jax import trainer as trainer_module
+    from flux_jax import train_data
     from flux_jax.config import ConfigError, FluxConfig
 
     config = FluxConfig()
@@ -194,9 +193,8 @@ def test_max_record_bytes_config_key_reaches_the_loader(monkeypatch):
         seen.update(options)
         return [], None
 
-    monkeypatch.setattr(trainer_module, "load_preference_examples", fake_load)
-    fake_trainer = SimpleNamespace(config=config, tokenizer=None)
-    trainer_module.FluxTrainer._load_examples(fake_trainer, "p.jsonl", "preferences")
+    monkeypatch.setattr(train_data, "load_preference_examples", fake_load)
+    train_data.load_examples(config, None, "p.jsonl", "preferences")
     assert seen["max_record_bytes"] == 12345
 
 

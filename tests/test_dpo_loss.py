@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flux_jax import dpo
 from flux_jax.dpo import LOSS_TYPES, dpo_loss, dpo_objective, kl_penalty, sft_loss
 
 N = 6
@@ -245,3 +246,59 @@ def test_dpo_objective_combines_terms():
     np.testing.assert_allclose(total, float(dpo) + 0.5 * sft + 0.25 * kl, rtol=1e-5)
     np.testing.assert_allclose(m["loss"], total, rtol=1e-6)
     np.testing.assert_allclose(m["dpo_loss"], dpo, rtol=1e-6)
+
+
+# -- one settings object and the loss registry ---------------------------------------------------
+
+
+def test_settings_variants_equal_the_keyword_api():
+    pc, pr, rc, rr, nc, nr = (jnp.asarray(x) for x in _random_logps(9))
+    for loss_type in LOSS_TYPES:
+        kw = dict(loss_type=loss_type, beta=0.3, label_smoothing=0.0, reference_free=False)
+        settings = dpo.DPOSettings(**kw, sft_coef=0.5)
+        counts = dict(chosen_token_counts=nc, rejected_token_counts=nr)
+        want, want_m = dpo_objective(pc, pr, rc, rr, sft_coef=0.5, **kw, **counts)
+        got, got_m = dpo.dpo_objective_for(settings, pc, pr, rc, rr, **counts)
+        assert float(got) == float(want), loss_type
+        assert {k: float(v) for k, v in got_m.items()} == {k: float(v) for k, v in want_m.items()}
+
+
+def test_settings_from_config_and_checks():
+    from flux_jax import FluxConfig
+
+    config = FluxConfig.default()
+    config.apply_overrides(
+        ["algorithm.loss_type=ipo", "algorithm.beta=0.5", "grad_accum_steps=2", "batch_size=8"]
+    )
+    settings = dpo.DPOSettings.from_config(config.validate(), logprob_chunk_size=64)
+    assert settings == dpo.DPOSettings(
+        loss_type="ipo", beta=0.5, logprob_chunk_size=64, grad_accum_steps=2
+    )
+    assert settings.loss.length_normalised
+    hash(settings)  # static under jit
+    with pytest.raises(ValueError, match="sft_coef and kl_coef must be >= 0"):
+        dpo.DPOSettings(kl_coef=-1.0)
+
+
+def test_the_schema_choices_are_the_registry():
+    from flux_jax.config_schema import SCHEMA
+
+    assert SCHEMA["algorithm"]["loss_type"].choices == tuple(dpo.LOSSES) == LOSS_TYPES
+    for loss in dpo.LOSSES.values():  # each documents its formula and its paper
+        assert "arXiv:" in loss.losses.__doc__, loss.name
+
+
+def test_a_registered_loss_is_usable_by_name(monkeypatch):
+    monkeypatch.setattr(dpo, "LOSSES", dict(dpo.LOSSES))  # the registration ends with the test
+
+    @dpo.register_loss("squared_margin")
+    def squared_margin(h_B, beta, label_smoothing):
+        """A toy loss for this test."""
+        return (1 - beta * h_B) ** 2
+
+    pc, pr, rc, rr = (jnp.asarray(x) for x in _random_logps(10)[:4])
+    loss, _ = dpo.dpo_loss_for(dpo.DPOSettings(loss_type="squared_margin"), pc, pr, rc, rr)
+    h = (np.asarray(pc) - np.asarray(pr)) - (np.asarray(rc) - np.asarray(rr))
+    np.testing.assert_allclose(loss, np.mean((1 - 0.1 * h) ** 2), rtol=1e-5)
+    with pytest.raises(ValueError, match="already registered"):
+        dpo.register_loss("sigmoid")(squared_margin)

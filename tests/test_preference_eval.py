@@ -124,7 +124,7 @@ def test_metrics_equal_dpo_loss_on_the_whole_set(setup, loss_kw, with_ref):
         max_length=MAX_LENGTH,
         max_prompt_length=MAX_PROMPT_LENGTH,
         batch_size=3,
-        **loss_kw,
+        settings=dpo.DPOSettings(**loss_kw),
     )
     expected = _one_batch_reference(tokenizer, path, policy, ref, **loss_kw)
     assert metrics["num_pairs"] == NUM_PAIRS
@@ -143,10 +143,7 @@ def test_partial_batch_copies_do_not_count(setup):
         data_format="preferences",
         max_length=MAX_LENGTH,
         max_prompt_length=MAX_PROMPT_LENGTH,
-        loss_type="sigmoid",
-        beta=0.1,
-        label_smoothing=0.0,
-        reference_free=False,
+        settings=dpo.DPOSettings(loss_type="sigmoid", beta=0.1),
     )
     by_3 = evaluate_preferences(policy, ref, tokenizer, path, batch_size=3, **kw)
     by_7 = evaluate_preferences(policy, ref, tokenizer, path, batch_size=NUM_PAIRS, **kw)

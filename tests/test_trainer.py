@@ -38,8 +38,17 @@ def fitted(tmp_path_factory):
     def record(result):
         seen.append((result.step, dict(result.metrics)))
 
+    every_3 = _INTERVAL_HOOK_STEPS
+    trainer.add_step_callback(lambda result: every_3.append(result.step), every=3)
     result = trainer.fit()
     return trainer, result, seen
+
+
+_INTERVAL_HOOK_STEPS: list[int] = []  # the steps a callback added with every=3 saw in `fitted`
+
+
+def test_step_callback_with_an_interval(fitted):
+    assert _INTERVAL_HOOK_STEPS == [3, 6, 8]  # every 3 steps, and the last one
 
 
 def test_callbacks_metrics_jsonl_and_tensorboard(fitted):
