@@ -1,4 +1,4 @@
-"""Checkpoints: the train state and data position under rotation, and the `best` params apart.
+"""Checkpoints: the train state and data position under rotation, and the on-disk layout.
 
 On disk (orbax writes every array; each directory is an orbax checkpoint):
 
@@ -14,8 +14,8 @@ On disk (orbax writes every array; each directory is an orbax checkpoint):
 Nothing is ever half-visible. Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames
 it to `<step>` only once every item (and every process) has finished; `latest_step()` lists only
 renamed steps and the leftovers of a crash are deleted when the next `TrainCheckpointer` opens the
-directory. `best` is written whole into a staging directory and then swapped in by renames; a
-crash between the two renames is repaired by the next reader (`_recover_best_swap`).
+directory. `best` (written by best_checkpoint.py) is swapped in by two renames; a crash between
+them is repaired by the next reader (`recover_best_swap`, here because every reader needs it).
 
 Damage: `restore_latest` tries the newest step first and, if it cannot be read (a truncated file,
 a missing item), warns and falls back to the next older one; the steps it skipped are renamed to
@@ -37,8 +37,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import threading
 import time
 from typing import Any
 
@@ -60,8 +58,8 @@ log = logging.getLogger(__name__)
 
 STATE, DATA, METADATA, PARAMS = "state", "data", "metadata", "params"
 METADATA_FILE = "metadata.json"
-_STAGING_SUFFIX = ".staging"  # best: written whole here first
-_OLD_SUFFIX = ".old"  # best: the previous one, for the instant between the two renames
+BEST_STAGING_SUFFIX = ".staging"  # best: written whole here first
+BEST_OLD_SUFFIX = ".old"  # best: the previous one, for the instant between the two renames
 _DAMAGED_SUFFIX = ".damaged"  # a step directory that failed to restore, set aside
 MODEL_ASSETS_KEY = "model_assets"  # metadata: the run's config/tokenizer dir, relative to the ckpt
 
@@ -101,7 +99,8 @@ def abstract_of(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _check_shardings(abstract: PyTree) -> None:
+def check_shardings(abstract: PyTree) -> None:
+    """Raises ValueError unless every leaf of a restore target carries its sharding."""
     flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
     missing = [
         jax.tree_util.keystr(p) for p, leaf in flat if getattr(leaf, "sharding", None) is None
@@ -148,7 +147,7 @@ class TrainCheckpointer:
             item_handlers={
                 STATE: ocp.StandardCheckpointHandler(),
                 DATA: grain.checkpoint.CheckpointHandler(),
-                METADATA: _metadata_handler(),
+                METADATA: metadata_handler(),
             },
         )
         self._async = async_save
@@ -177,8 +176,8 @@ class TrainCheckpointer:
         self.wait_until_finished()  # the previous save's error is that save's, not this one's
         if step in self.all_steps():
             return False
-        meta = _json_copy({**(metadata or {}), "step": int(step), **_wall_time()})
-        meta = _paths_relative_to(self.step_dir(step), meta)
+        meta = json_copy({**(metadata or {}), "step": int(step), **wall_time()})
+        meta = paths_relative_to(self.step_dir(step), meta)
         items: dict[str, Any] = {
             STATE: ocp.args.StandardSave(state),
             METADATA: ocp.args.JsonSave(meta),
@@ -210,7 +209,7 @@ class TrainCheckpointer:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
             )
-        _check_shardings(abstract_state)
+        check_shardings(abstract_state)
         step_dir = self.step_dir(step)
         if not os.path.isdir(os.path.join(step_dir, STATE)):
             raise FileNotFoundError(f"{os.path.join(step_dir, STATE)} does not exist")
@@ -279,7 +278,7 @@ class TrainCheckpointer:
                 log.warning(
                     "moved the damaged checkpoint %s to %s (delete it when done)", path, target
                 )
-        _barrier("flux_jax_damaged_steps_set_aside")
+        barrier("flux_jax_damaged_steps_set_aside")
         self._manager.reload()
 
     def _save_error(self, step: int | None, cause: BaseException) -> CheckpointSaveError:
@@ -330,107 +329,13 @@ class TrainCheckpointer:
         self.close()
 
 
-# -- the best parameters, and loading parameters from any checkpoint ----------------------------
-
-
-def save_best(
-    directory_best: str | os.PathLike,
-    step: int,
-    params: PyTree,
-    *,
-    metric_name: str,
-    metric_value: float,
-    metadata: dict[str, Any] | None = None,
-) -> None:
-    """Replaces `directory_best` with these params and their metadata, atomically for readers.
-
-    Synchronous: it returns when the new best is in place. `metadata` (JSON-able) is expected to
-    carry hf_config, model_path and tokenizer_path (what `flux-jax export` needs).
-    """
-    best = os.path.abspath(os.fspath(directory_best))
-    staging, old = best + _STAGING_SUFFIX, best + _OLD_SUFFIX
-    main = jax.process_index() == 0
-    if main:
-        _recover_best_swap(best)
-        shutil.rmtree(staging, ignore_errors=True)  # an earlier save that crashed midway
-    _barrier("flux_jax_best_staging_clear")
-    meta = _json_copy(
-        {
-            **(metadata or {}),
-            "step": int(step),
-            "metric_name": metric_name,
-            "metric_value": float(metric_value),
-            **_wall_time(),
-        }
-    )
-    meta = _paths_relative_to(best, meta)
-    handler = ocp.CompositeCheckpointHandler(
-        **{PARAMS: ocp.StandardCheckpointHandler(), METADATA: _metadata_handler()}
-    )
-    try:
-        with ocp.Checkpointer(handler) as checkpointer:
-            checkpointer.save(
-                staging,
-                args=ocp.args.Composite(
-                    **{PARAMS: ocp.args.StandardSave(params), METADATA: ocp.args.JsonSave(meta)}
-                ),
-            )
-    except Exception as e:  # the previous best is untouched; the next save_best clears staging
-        raise CheckpointSaveError(best, e, advice="the previous best (if any) is unchanged") from e
-    if main:
-        # os.rename cannot replace a non-empty directory, so: best -> best.old, staging -> best.
-        # Readers between the two renames find best.old and put it back (_recover_best_swap).
-        if os.path.isdir(best):
-            os.rename(best, old)
-        os.rename(staging, best)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier("flux_jax_best_swapped")
-
-
-def load_params(path: str | os.PathLike, abstract_params: PyTree) -> PyTree:
-    """The parameters of a `best` directory or of a step directory (`checkpoints/<step>`).
-
-    `abstract_params` is the parameter tree of `jax.ShapeDtypeStruct`s with target shardings;
-    a checkpoint of another model shape raises CheckpointMismatchError before reading arrays.
-    """
-    path = os.path.abspath(os.fspath(path))
-    _recover_best_swap(path)
-    _check_shardings(abstract_params)
-    if os.path.isdir(os.path.join(path, PARAMS)):  # a best directory
-        item, target = PARAMS, abstract_params
-    elif os.path.isdir(os.path.join(path, STATE)):  # a step directory: its params subtree only
-        item, target = STATE, {PARAMS: abstract_params}
-    else:
-        raise FileNotFoundError(
-            f"{path} is not a flux_jax checkpoint: expected OUTPUT_DIR/best (with {PARAMS}/) or "
-            f"a step directory OUTPUT_DIR/checkpoints/<step> (with {STATE}/)"
-        )
-    # Every item of the directory gets its handler: orbax warns about each one it cannot read.
-    handler = ocp.CompositeCheckpointHandler(
-        **{
-            item: ocp.PyTreeCheckpointHandler(),
-            METADATA: _metadata_handler(),
-            DATA: grain.checkpoint.CheckpointHandler(),
-        }
-    )
-    with ocp.Checkpointer(handler) as checkpointer:
-        saved = checkpointer.metadata(path).item_metadata[item].tree
-        if item == STATE and PARAMS not in saved:
-            raise ValueError(f"{path}/{STATE} holds no '{PARAMS}' subtree")
-        check_compatible(path, saved if item == PARAMS else saved[PARAMS], abstract_params)
-        restore = ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=item == STATE,  # leave the optimiser state on disk
-        )
-        restored = checkpointer.restore(path, args=ocp.args.Composite(**{item: restore}))[item]
-    return restored if item == PARAMS else restored[PARAMS]
+# -- reading any checkpoint's metadata ---------------------------------------------------------
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata JSON of a `best` directory or a step directory."""
     path = os.path.abspath(os.fspath(path))
-    _recover_best_swap(path)
+    recover_best_swap(path)
     file = os.path.join(path, METADATA, METADATA_FILE)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path} is not a flux_jax checkpoint: {file} does not exist")
@@ -438,9 +343,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         return json.load(f)
 
 
-def _recover_best_swap(best: str) -> None:
+def recover_best_swap(best: str) -> None:
     """Finishes a `best` swap that a crash interrupted between its two renames."""
-    old = best + _OLD_SUFFIX
+    old = best + BEST_OLD_SUFFIX
     if jax.process_index() != 0 or not os.path.isdir(old):
         return
     if os.path.isdir(best):  # the new best is in place; only the cleanup was missed
@@ -449,12 +354,14 @@ def _recover_best_swap(best: str) -> None:
         os.rename(old, best)
 
 
-def _metadata_handler() -> ocp.JsonCheckpointHandler:
+def metadata_handler() -> ocp.JsonCheckpointHandler:
+    """Orbax's handler for the metadata item (train steps and `best` alike)."""
     # Writes on the primary process only; a fixed name lets read_metadata find it without orbax.
     return ocp.JsonCheckpointHandler(filename=METADATA_FILE)
 
 
-def _json_copy(data: dict[str, Any]) -> dict[str, Any]:
+def json_copy(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` through JSON and back: a TypeError naming the value that is not JSON-able."""
     # Serialising now reports a non-JSON value here, not later in orbax's background thread.
     try:
         return json.loads(json.dumps(data))
@@ -462,12 +369,14 @@ def _json_copy(data: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
 
 
-def _wall_time() -> dict[str, Any]:
+def wall_time() -> dict[str, Any]:
+    """The metadata's save-time fields: epoch seconds and a local ISO timestamp."""
     now = time.time()
     return {"wall_time": now, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))}
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
+    """Waits for every process (a no-op on one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 
@@ -479,7 +388,7 @@ def _all_processes_succeeded(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
-def _paths_relative_to(directory: str, meta: dict[str, Any]) -> dict[str, Any]:
+def paths_relative_to(directory: str, meta: dict[str, Any]) -> dict[str, Any]:
     """The model-assets path stored relative to the checkpoint: a moved output_dir still works."""
     path = meta.get(MODEL_ASSETS_KEY)
     if isinstance(path, str) and os.path.isabs(path):
@@ -507,56 +416,3 @@ def model_assets_dir(checkpoint: str | os.PathLike, meta: dict[str, Any]) -> str
         )
         return None
     return path
-
-
-# -- preemption -----------------------------------------------------------------------------------
-
-
-class PreemptionWatcher:
-    """`is_preempted(step)`: True once the job has been asked to stop (SIGTERM).
-
-    Single process: a SIGTERM handler sets a flag (instead of killing the process); the trainer
-    polls it, saves a final checkpoint and exits. `uninstall()` puts the previous handler back.
-
-    Multi-process (`jax.process_count() > 1`): JAX's preemption service (started by
-    `jax.distributed.initialize`) already owns SIGTERM and makes every process agree on one step
-    to stop at, so no handler is installed and the call must be given the step and made by every
-    process every step: it returns `multihost_utils.reached_preemption_sync_point(step)`. (That
-    function is always False without `jax.distributed`, so it is useless on one process.)
-    """
-
-    def __init__(self) -> None:
-        self._flag = threading.Event()
-        self._previous: Any = None
-        self._installed = False
-        self._multiprocess = jax.process_count() > 1
-        if self._multiprocess:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("not in the main thread: SIGTERM will not be caught (no final checkpoint)")
-            return
-        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._installed = True
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self._flag.set()
-
-    def __call__(self, step: int | None = None) -> bool:
-        if not self._multiprocess:
-            return self._flag.is_set()
-        if step is None:
-            raise TypeError("is_preempted(step): multi-process runs must pass the current step")
-        try:
-            return multihost_utils.reached_preemption_sync_point(step)
-        except RuntimeError:  # the preemption service is disabled
-            return False
-
-    def uninstall(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
-
-
-def install_preemption_handler() -> PreemptionWatcher:
-    """Starts watching for SIGTERM; returns the `is_preempted` callable (see PreemptionWatcher)."""
-    return PreemptionWatcher()

@@ -4,7 +4,7 @@ flux-jax train [--config FILE.py|FILE.yaml] [--config.algorithm.beta=0.2 ...] [-
 flux-jax demo                                   (= train with no config: the embedded default)
 flux-jax eval --checkpoint DIR --data FILE [--json OUT]
 flux-jax data check FILE --tokenizer DIR [--format F] [--max-length N] [--max-prompt-length N]
-flux-jax export --checkpoint OUTPUT_DIR/best --out HF_DIR [--dtype bfloat16]
+flux-jax export --checkpoint OUTPUT_DIR/best --out HF_DIR [--dtype bfloat16] [--adapter-only]
 flux-jax generate --checkpoint DIR (--prompt TEXT ... | --prompts FILE) [--compare-base]
 flux-jax plan --config FILE [--device h100] [--devices N]
 flux-jax plot OUTPUT_DIR
@@ -109,12 +109,27 @@ def _parser() -> argparse.ArgumentParser:
         "--max-prompt-length", type=int, default=DATA_DEFAULTS["max_prompt_length"].default
     )
     check.add_argument("--max-record-bytes", type=int, help="longest JSONL line read (bytes)")
+    check.add_argument(
+        "--tokenization",
+        choices=DATA_DEFAULTS["tokenization"].choices,
+        default=DATA_DEFAULTS["tokenization"].default,
+        help="token lengths as data.tokenization counts them",
+    )
+    check.add_argument(
+        "--columns", help="the data's columns, as data.columns: prompt=question,chosen=good,..."
+    )
 
     export = sub.add_parser("export", help="write a checkpoint as a Hugging Face model")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True)
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     export.add_argument("--max-shard-size", default="5GB")
+    export.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="LoRA checkpoint: write a PEFT adapter dir instead of the merged model",
+    )
+    export.add_argument("--base-model", help="LoRA: the base model, if not the run's model_path")
 
     gen = sub.add_parser("generate", help="sample completions from a checkpoint")
     gen.add_argument("--checkpoint", required=True)
@@ -263,7 +278,16 @@ def _run_command(argv: list[str]) -> int:
         print(report)
         return 0 if ok else 1  # bad records or no pairs: fail a data pipeline's check step
     if args.command == "export":
-        print(commands.export(args.checkpoint, args.out, args.dtype, args.max_shard_size))
+        print(
+            commands.export(
+                args.checkpoint,
+                args.out,
+                args.dtype,
+                args.max_shard_size,
+                adapter_only=args.adapter_only,
+                base_model=args.base_model,
+            )
+        )
         return 0
     if args.command == "generate":
         commands.generate(args)

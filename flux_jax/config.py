@@ -12,155 +12,33 @@ Assignments are checked too: `config.algorithm.bta = 1` or `config.algorithm.bet
 run per assignment, so code that mutates a config by hand calls `validate()` afterwards; every
 loader does so itself.
 
-Type rules: ints are accepted for float keys; a numeric string for a float key is converted,
-because PyYAML (YAML 1.1) reads `5e-7` -- no dot -- as the string "5e-7" while `5.0e-7` is a float,
-and either spelling clearly means the number. Everything else is strict: no string for an int or
-bool key, no float for an int key, no null anywhere. Path keys (`Key.path` in the schema) have a
-leading `~` and their `$VAR`s expanded when set (`expand_path`); an unset variable is an error.
+How a value is read and converted to its key's type (YAML's `5e-7`, `~` and `$VAR` in paths, CLI
+text) is config_parse.py's job.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
-import numbers
-import os
 import pathlib
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_collections
 import yaml
 
+from flux_jax.config_parse import (
+    ConfigError,
+    StrictYamlLoader,
+    coerce,
+    expand_path,
+    parse_text,
+    unknown_key,
+)
 from flux_jax.config_rules import range_errors
-from flux_jax.config_schema import LEAVES, SCHEMA, SECTIONS, Key
+from flux_jax.config_schema import LEAVES, SCHEMA, SECTIONS, SUBSECTIONS, section_schema
 
+# ConfigError and expand_path are public here (flux_jax.config) since before config_parse.py.
 __all__ = ["ConfigError", "FluxConfig", "expand_path"]
-
-
-class ConfigError(ValueError):
-    """An invalid config: each entry of `errors` names the offending key; `source` the file."""
-
-    def __init__(self, errors: str | list[str], source: str | None = None):
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
-        self.source = source
-        if len(self.errors) == 1:
-            message = self.errors[0]
-        else:
-            lines = "\n".join(f"  - {e}" for e in self.errors)
-            message = f"{len(self.errors)} problems:\n{lines}"
-        super().__init__(f"{source}: {message}" if source else message)
-
-
-_KIND_NAMES = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "a boolean (true/false)",
-    tuple: "a list of integers",
-}
-_FLOAT_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
-_TRUE_TEXT = ("true", "yes", "on", "1")
-_FALSE_TEXT = ("false", "no", "off", "0")
-_ENV_VAR = re.compile(r"\$(\w+)|\$\{([^}]*)\}")  # the forms os.path.expandvars expands
-
-
-def expand_path(path: str) -> str:
-    """`path` with a leading `~` / `~user` and every `$VAR` / `${VAR}` expanded, as a shell would.
-
-    os.path leaves what it cannot expand in place, which later creates a directory literally named
-    `~` or `$RUN`; this raises ValueError naming the unset variable or unknown user instead.
-    """
-    expanded = os.path.expanduser(path)
-    if expanded.startswith("~"):
-        user = expanded.split(os.sep, 1)[0]
-        raise ValueError(f"cannot expand {user!r} in {path!r}: no such user (or HOME unset)")
-    unset = [a or b for a, b in _ENV_VAR.findall(expanded) if (a or b) not in os.environ]
-    if unset:
-        raise ValueError(f"environment variable ${unset[0]} is not set (in {path!r})")
-    return os.path.expandvars(expanded)
-
-
-def _unknown_key(path: str) -> str:
-    """The unknown-key message, naming the closest valid key if there is one."""
-    head, dot, rest = path.partition(".")
-    by_leaf: dict[str, str] = {}  # leaf name -> first full key ending in it
-    for full in LEAVES:
-        by_leaf.setdefault(full.rsplit(".", 1)[-1], full)
-    leaf = path.rsplit(".", 1)[-1]
-    if by_leaf.get(leaf, path) != path:  # A right key at the wrong level: `beta` -> algorithm.beta.
-        match = [by_leaf[leaf]]
-    elif dot and head in SECTIONS:  # Compare within the section: the shared `head.` prefix
-        match = difflib.get_close_matches(rest, list(SCHEMA[head]), n=1, cutoff=0.6)
-        match = [f"{head}.{m}" for m in match]  # would make any two of its keys look alike.
-    else:
-        candidates = [*LEAVES] if dot else list(SCHEMA)
-        match = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
-    if not match:
-        close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
-        match = [by_leaf[close[0]]] if close else []
-    if match:
-        return f"unknown key '{path}'; did you mean '{match[0]}'?"
-    if head in SECTIONS:
-        return f"unknown key '{path}'; valid keys in '{head}': {', '.join(SCHEMA[head])}"
-    return f"unknown key '{path}'; valid top-level keys: {', '.join(SCHEMA)}"
-
-
-def _type_error(path: str, key: Key, value: Any) -> ConfigError:
-    kind = type(key.default)
-    got = "null" if value is None else f"{type(value).__name__} {value!r}"
-    hint = ""
-    if kind is int and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-        hint = " (write a plain integer such as 1000: YAML reads 1e3 as a string)"
-    return ConfigError(f"{path} expects {_KIND_NAMES[kind]}, got {got}{hint}")
-
-
-def _coerce(path: str, key: Key, value: Any) -> Any:
-    """`value` converted to the type of `key.default`, or ConfigError naming `path`."""
-    kind = type(key.default)
-    is_bool = isinstance(value, bool)
-    if kind is bool and is_bool:
-        return value
-    if kind is int and isinstance(value, numbers.Integral) and not is_bool:
-        return int(value)
-    if kind is float and isinstance(value, numbers.Real) and not is_bool:
-        return float(value)
-    if kind is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-        return float(value)
-    if kind is str and isinstance(value, str):
-        if not key.path:
-            return value
-        try:
-            return expand_path(value)
-        except ValueError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    if kind is tuple and isinstance(value, (list, tuple)):
-        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
-            return tuple(int(v) for v in value)
-    raise _type_error(path, key, value)
-
-
-def _parse_text(path: str, key: Key, text: str) -> Any:
-    """A command-line value (always text) parsed by the type of the key it sets."""
-    kind, stripped = type(key.default), text.strip()
-    if kind is bool:
-        if stripped.lower() in _TRUE_TEXT + _FALSE_TEXT:
-            return stripped.lower() in _TRUE_TEXT
-    elif kind is int:
-        try:
-            return int(stripped)
-        except ValueError:
-            pass
-    elif kind is tuple:
-        parts = [p.strip() for p in stripped.strip("()[]").split(",") if p.strip()]
-        try:
-            return tuple(int(p) for p in parts)
-        except ValueError:
-            pass
-    else:
-        return _coerce(path, key, text)
-    raise _type_error(path, key, text)
 
 
 def _is_mapping(value: Any) -> bool:
@@ -172,33 +50,58 @@ def _plain(value: Any) -> Any:
 
 
 class _Section(ml_collections.ConfigDict):
-    """One schema section (`config.algorithm`, ...): a locked ConfigDict with checked writes."""
+    """One schema section (`config.algorithm`, or a section inside one: `config.model.lora`): a
+    locked ConfigDict with checked writes. `name` is its dotted path."""
 
     def __init__(self, name: str):
         super().__init__(type_safe=True, sort_keys=False)
         object.__setattr__(self, "_name", name)
-        for key, spec in SCHEMA[name].items():
-            ml_collections.ConfigDict.__setitem__(self, key, spec.default)
+        for key, spec in section_schema(name).items():
+            default = _Section(f"{name}.{key}") if isinstance(spec, dict) else spec.default
+            ml_collections.ConfigDict.__setitem__(self, key, default)
         self.lock()
 
     def __setitem__(self, key: str, value: Any) -> None:
-        path = f"{self._name}.{key}"
-        if key not in SCHEMA[self._name]:
-            raise ConfigError(_unknown_key(path))
-        value = _coerce(path, SCHEMA[self._name][key], value)
-        ml_collections.ConfigDict.__setitem__(self, key, value)
+        head, dot, rest = key.partition(".")
+        path = f"{self._name}.{head}"
+        schema = section_schema(self._name)
+        if head not in schema or (dot and not isinstance(schema[head], dict)):
+            raise ConfigError(unknown_key(f"{self._name}.{key}"))
+        if isinstance(schema[head], dict):  # a section inside this one
+            sub = self._fields[head]
+            if dot:
+                sub[rest] = value
+            elif _is_mapping(value):
+                for sub_key, sub_value in value.items():
+                    sub[sub_key] = sub_value
+            else:
+                raise ConfigError(
+                    f"{path} is a section: set its keys ({', '.join(schema[head])}), "
+                    f"not {type(value).__name__} {value!r}"
+                )
+            return
+        value = coerce(path, schema[head], value)
+        if schema[head].one_or_list:
+            # A name (str) or several (tuple): ConfigDict's type_safe would refuse the switch;
+            # coerce has already checked the value.
+            self._fields[head] = value
+            return
+        ml_collections.ConfigDict.__setitem__(self, head, value)
 
     def __setattr__(self, attribute: str, value: Any) -> None:
         self[attribute] = value
 
     def __getattr__(self, attribute: str) -> Any:
         if attribute.startswith("_") or attribute not in self._fields:
-            raise AttributeError(_unknown_key(f"{self._name}.{attribute}"))
+            raise AttributeError(unknown_key(f"{self._name}.{attribute}"))
         return self._fields[attribute]
 
     def to_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The section as a plain dict (tuples become lists, so it is YAML/JSON-ready)."""
-        return {k: _plain(v) for k, v in self._fields.items()}
+        return {
+            k: v.to_dict() if isinstance(v, _Section) else _plain(v)
+            for k, v in self._fields.items()
+        }
 
     def copy_and_resolve_references(self, visit_map: Any = None) -> _Section:
         return _restore_section(self._name, self.to_dict())
@@ -262,7 +165,7 @@ class FluxConfig(ml_collections.ConfigDict):
         except OSError as e:
             raise ConfigError(f"cannot read config file: {e.strerror}", source) from None
         try:
-            values = yaml.load(text, Loader=_StrictYamlLoader)
+            values = yaml.load(text, Loader=StrictYamlLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"invalid YAML: {e}", source) from None
         return cls({} if values is None else values, source=source)
@@ -311,13 +214,13 @@ class FluxConfig(ml_collections.ConfigDict):
             key = key.strip().removeprefix("--").removeprefix("config.")
             if not eq:
                 errors.append(f"override {item!r}: expected key=value")
-            elif key in SECTIONS:
+            elif key in SECTIONS or key in SUBSECTIONS:
                 errors.append(f"override {item!r}: {key} is a section; set one of its keys")
             elif key not in LEAVES:
-                errors.append(f"override {item!r}: {_unknown_key(key)}")
+                errors.append(f"override {item!r}: {unknown_key(key)}")
             else:
                 try:
-                    trial[key] = _parse_text(key, LEAVES[key], text)
+                    trial[key] = parse_text(key, LEAVES[key], text)
                 except ConfigError as e:
                     errors.extend(f"override {item!r}: {msg}" for msg in e.errors)
         if errors:
@@ -336,7 +239,7 @@ class FluxConfig(ml_collections.ConfigDict):
         errors = []
         for path, key in LEAVES.items():
             try:
-                _coerce(path, key, self[path])
+                coerce(path, key, self[path])
             except ConfigError as e:
                 errors.extend(e.errors)
         if not errors:  # Range rules assume the types are right.
@@ -349,7 +252,8 @@ class FluxConfig(ml_collections.ConfigDict):
         errors = []
         for key, value in values.items():
             path = f"{prefix}{key}"
-            if not prefix and path in SECTIONS and (value is None or _is_mapping(value)):
+            is_section = path in (SUBSECTIONS if prefix else SECTIONS)
+            if is_section and (value is None or _is_mapping(value)):
                 # `checkpoint:` with every line below it commented out is YAML null: no change.
                 errors += self._merge(value or {}, prefix=f"{path}.")
                 continue
@@ -374,16 +278,16 @@ class FluxConfig(ml_collections.ConfigDict):
                     f"not {type(value).__name__} {value!r}"
                 )
         elif dot or head not in SCHEMA:
-            raise ConfigError(_unknown_key(str(key)))
+            raise ConfigError(unknown_key(str(key)))
         else:
-            ml_collections.ConfigDict.__setitem__(self, key, _coerce(key, SCHEMA[key], value))
+            ml_collections.ConfigDict.__setitem__(self, key, coerce(key, SCHEMA[key], value))
 
     def __setattr__(self, attribute: str, value: Any) -> None:
         self[attribute] = value
 
     def __getattr__(self, attribute: str) -> Any:
         if attribute.startswith("_") or attribute not in self._fields:
-            raise AttributeError(_unknown_key(attribute))
+            raise AttributeError(unknown_key(attribute))
         return self._fields[attribute]
 
     # --- Output ------------------------------------------------------------------------------
@@ -418,18 +322,3 @@ class FluxConfig(ml_collections.ConfigDict):
 
     def __dir__(self) -> list[str]:
         return [*self._fields, *dir(type(self))]
-
-
-class _StrictYamlLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys, which PyYAML would otherwise silently overwrite."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)

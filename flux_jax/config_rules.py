@@ -12,6 +12,8 @@ import math
 from typing import TYPE_CHECKING
 
 from flux_jax.config_schema import ALGORITHMS_IMPLEMENTED, LEAVES, SCHEMA
+from flux_jax.lora import target_errors
+from flux_jax.losses.settings import algorithm_problems
 
 if TYPE_CHECKING:
     from flux_jax.config import FluxConfig
@@ -44,6 +46,7 @@ def range_errors(c: FluxConfig) -> list[str]:
         _check_algorithm,
         _check_checkpoint_and_data,
         _check_model_and_optimizer,
+        _check_lora,
         _check_training_eval_logging,
         _check_mesh_and_generation,
     ):
@@ -54,9 +57,13 @@ def range_errors(c: FluxConfig) -> list[str]:
 def _check_choices_and_finite(c: FluxConfig, r: _Rules) -> None:
     for path, key in LEAVES.items():
         value = c[path]
-        if key.choices and value not in key.choices:
+        values = value if key.one_or_list and isinstance(value, tuple) else (value,)
+        wrong = [v for v in values if v not in key.choices]
+        if key.choices and wrong:
             valid = ", ".join(repr(x) for x in key.choices)
-            r.errors.append(f"{path} must be one of {valid}; got {value!r}")
+            got = repr(list(values)) if len(values) > 1 else repr(value)
+            which = f" (not valid: {', '.join(map(repr, wrong))})" if len(values) > 1 else ""
+            r.errors.append(f"{path} must be one of {valid}; got {got}{which}")
         if isinstance(value, float):
             r.need(math.isfinite(value), path, "a finite number")
 
@@ -86,22 +93,50 @@ def _check_run(c: FluxConfig, r: _Rules) -> None:
 
 def _check_algorithm(c: FluxConfig, r: _Rules) -> None:
     a = c.algorithm
-    r.need(a.beta > 0, "algorithm.beta", "> 0")
-    r.need(0 <= a.label_smoothing < 0.5, "algorithm.label_smoothing", "in [0, 0.5)")
-    r.fail(
-        not (a.label_smoothing > 0 and a.loss_type in ("hinge", "ipo")),
-        f"algorithm.label_smoothing={a.label_smoothing} has no effect with "
-        f"loss_type={a.loss_type!r} (only 'sigmoid' and 'robust' use it); set it to 0",
-    )
-    r.need(a.sft_coef >= 0, "algorithm.sft_coef", ">= 0")
-    r.need(a.kl_coef >= 0, "algorithm.kl_coef", ">= 0")
-    r.fail(
-        not (a.reference_free and a.kl_coef > 0),
-        "algorithm.kl_coef > 0 needs the reference model; reference_free is true",
-    )
+    # The loss registry knows what each loss needs (reference, label smoothing, ...): ask it.
+    r.errors.extend(algorithm_problems(a))
     r.fail(
         not (a.reference_free and a.precompute_ref_logps),
         "algorithm.precompute_ref_logps needs a reference; reference_free is true",
+    )
+    r.fail(
+        not (a.ld_alpha < 1 and a.precompute_ref_logps),
+        "algorithm.ld_alpha < 1 re-weights the reference's per-token log-probs: set "
+        "algorithm.precompute_ref_logps to false (precomputed sums cannot be re-weighted)",
+    )
+    r.fail(
+        not (a.ld_alpha < 1 and (c.model.prefix_sharing or c.model.packing)),
+        "algorithm.ld_alpha < 1 needs the standard batch layout: set model.prefix_sharing and "
+        "model.packing to false",
+    )
+    _check_ref_sync(c, r)
+
+
+def _check_ref_sync(c: FluxConfig, r: _Rules) -> None:
+    """TR-DPO (flux_jax/ref_sync.py): a reference that moves needs an online, separate one."""
+    sync = c.algorithm.ref_sync
+    r.need(sync.every_steps >= 0, "algorithm.ref_sync.every_steps", ">= 0 (0 = off)")
+    r.need(0 < sync.mixup_alpha <= 1, "algorithm.ref_sync.mixup_alpha", "in (0, 1]")
+    if sync.every_steps <= 0:
+        return
+    r.fail(
+        not c.algorithm.precompute_ref_logps,
+        "algorithm.ref_sync.every_steps > 0 updates the reference during training, so its "
+        "log-probs cannot be computed once up front: set algorithm.precompute_ref_logps to false "
+        "(or algorithm.ref_sync.every_steps to 0)",
+    )
+    r.fail(
+        not c.algorithm.reference_free,
+        "algorithm.ref_sync.every_steps > 0 updates the reference model, but "
+        "algorithm.reference_free is true (there is none): set algorithm.ref_sync.every_steps "
+        "to 0",
+    )
+    r.fail(
+        c.model.lora.rank <= 0,
+        "algorithm.ref_sync.every_steps > 0 is not supported with LoRA (model.lora.rank > 0): "
+        "the reference is the frozen base with the adapters off, which the policy shares, so "
+        "there is no separate reference to update; train without LoRA or set "
+        "algorithm.ref_sync.every_steps to 0",
     )
 
 
@@ -130,6 +165,7 @@ def _check_checkpoint_and_data(c: FluxConfig, r: _Rules) -> None:
     r.need(c.compile_cache.min_compile_time_s >= 0, "compile_cache.min_compile_time_s", ">= 0")
     r.need(d.max_record_bytes >= 1, "data.max_record_bytes", ">= 1")
     r.need(d.num_threads >= 0, "data.num_threads", ">= 0")
+    r.need(d.tokenize_workers >= 0, "data.tokenize_workers", ">= 0 (0 = min(8, CPU count))")
     r.need(d.prefetch >= 0, "data.prefetch", ">= 0")
     r.need(d.shuffle_seed >= -1, "data.shuffle_seed", ">= 0, or -1 to use seed")
 
@@ -152,6 +188,45 @@ def _check_model_and_optimizer(c: FluxConfig, r: _Rules) -> None:
     r.need(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "in [0, 1]")
 
 
+def _check_lora(c: FluxConfig, r: _Rules) -> None:
+    m, lora = c.model, c.model.lora
+    r.need(lora.rank >= 0, "model.lora.rank", ">= 0 (0 = LoRA off)")
+    r.need(lora.alpha > 0, "model.lora.alpha", "> 0")
+    r.need(0 <= lora.dropout < 1, "model.lora.dropout", "in [0, 1)")
+    r.errors.extend(f"model.lora.{problem}" for problem in target_errors(lora.target_modules))
+    r.need(
+        lora.quantization_block >= 0,
+        "model.lora.quantization_block",
+        ">= 0 (0 = one scale per output channel)",
+    )
+    if lora.rank == 0:
+        r.fail(
+            lora.base_quantization == "none",
+            f"model.lora.base_quantization={lora.base_quantization!r} quantises the frozen base "
+            "of a LoRA run (QLoRA): set model.lora.rank > 0 (e.g. 16), or base_quantization: none",
+        )
+        r.fail(
+            not lora.init_from,
+            f"model.lora.init_from={lora.init_from!r} starts LoRA adapters from a PEFT adapter: "
+            "set model.lora.rank (and alpha, target_modules, rslora) to its adapter_config.json's "
+            "r, lora_alpha, target_modules, use_rslora, or init_from: ''",
+        )
+        return
+    r.fail(
+        m.param_dtype == "float32",
+        f"model.param_dtype={m.param_dtype!r} with LoRA: the trained adapters are always fp32 "
+        "master weights; set model.param_dtype: float32, and model.lora.base_dtype for the "
+        "frozen base's dtype",
+    )
+    r.fail(
+        not (lora.base_dtype == "bfloat16" and m.compute_dtype == "float32"),
+        "model.lora.base_dtype='bfloat16' with model.compute_dtype='float32': the base is the "
+        "DPO reference, which runs in the compute dtype; a bf16 base would make it (and the "
+        "precomputed reference cache) another model. Use base_dtype '' (= compute dtype) or "
+        "float32, or compute_dtype bfloat16",
+    )
+
+
 def _check_training_eval_logging(c: FluxConfig, r: _Rules) -> None:
     t = c.training
     r.need(t.max_consecutive_skips >= 1, "training.max_consecutive_skips", ">= 1")
@@ -172,7 +247,7 @@ def _check_mesh_and_generation(c: FluxConfig, r: _Rules) -> None:
         r.need(c.mesh[axis] >= 1 or c.mesh[axis] == -1, f"mesh.{axis}", ">= 1, or -1")
     r.fail(
         sum(v == -1 for v in c.mesh.to_dict().values()) <= 1,
-        "mesh: at most one of data, fsdp, tensor may be -1 (the remaining devices)",
+        "mesh: at most one of data, fsdp, tensor, expert may be -1 (the remaining devices)",
     )
     g = c.generation
     r.need(g.max_new_tokens >= 1, "generation.max_new_tokens", ">= 1")

@@ -11,6 +11,7 @@ from typing import Any
 
 from flux_jax.dpo import LOSS_TYPES  # the loss registry: a new loss type is one function there
 from flux_jax.logprobs import DEFAULT_CHUNK_SIZE  # also the library default of the LM-head chunk
+from flux_jax.lora import DEFAULT_TARGETS  # every projection LoRA can adapt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,18 @@ class Key:
     doc: str
     choices: tuple[str, ...] = ()
     path: bool = False
+    # A list key's element type when its (empty) default cannot show it: float for weights.
+    items: type | None = None
+    # A string key with choices that also takes a list of them (algorithm.loss_type: MPO).
+    one_or_list: bool = False
+
+    @property
+    def item_kind(self) -> type:
+        """A list key's element type: `items` if set, else str when its default lists strings,
+        else int."""
+        if self.items is not None:
+            return self.items
+        return str if self.default and isinstance(self.default[0], str) else int
 
 
 ALGORITHMS_IMPLEMENTED = ("dpo",)
@@ -49,16 +62,61 @@ SCHEMA: dict[str, Any] = {
     "algorithm": {
         "name": Key("dpo", "training algorithm; only 'dpo' is implemented"),
         "beta": Key(0.1, "inverse temperature on the policy/reference log-ratios (unitless)"),
-        "reference_free": Key(False, "true = no reference model (its log-probs taken as 0)"),
+        "reference_free": Key(
+            False,
+            "true = no reference model (its log-probs taken as 0); required by the losses that "
+            "need none (simpo, cpo, orpo, sft)",
+        ),
         "label_smoothing": Key(0.0, "assumed label-flip probability (cDPO/robust), [0, 0.5)"),
         "loss_type": Key(
             "sigmoid",
-            f"the DPO-family loss: {', '.join(LOSS_TYPES)} (formulas: flux_jax.dpo)",
+            f"the preference loss: {', '.join(LOSS_TYPES)} (formulas: flux_jax/losses/); or a "
+            "list of them, summed with loss_weights (TRL's MPO)",
             LOSS_TYPES,
+            one_or_list=True,
+        ),
+        "loss_weights": Key(
+            (),
+            "weight of each loss_type in the sum, one per name; [] = 1 each",
+            items=float,
+        ),
+        "use_weighting": Key(
+            False,
+            "WPO: weight each pair's loss by its responses' sampling probability under the policy "
+            "(arXiv:2406.11827; TRL's use_weighting)",
+        ),
+        "f_divergence_type": Key(
+            "reverse_kl",
+            "f-DPO regulariser: reverse_kl (standard DPO), forward_kl, js_divergence, "
+            "alpha_divergence (sigmoid, hinge, ipo, exo_pair, robust, discopop, sigmoid_norm)",
+            ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+        ),
+        "f_alpha_divergence_coef": Key(0.5, "alpha of alpha_divergence (f-DPO), in (0, 1)"),
+        "discopop_tau": Key(0.05, "DiscoPOP's tau (loss_type discopop)"),
+        "simpo_gamma": Key(0.5, "SimPO's target reward margin gamma (loss_type simpo)"),
+        "cpo_alpha": Key(1.0, "weight of CPO's NLL on chosen responses (loss_type cpo)"),
+        "ld_alpha": Key(
+            1.0, "LD-DPO: weight of the longer response's tokens past the shorter's length; 1 = off"
         ),
         "sft_coef": Key(0.0, "weight of the NLL loss on chosen responses added to the loss"),
         "kl_coef": Key(0.0, "weight of a KL(policy || reference) penalty added to the loss"),
+        "router_aux_loss_coef": Key(
+            -1.0,
+            "MoE models: weight of the router load-balancing loss added to the loss; -1 = the "
+            "model's router_aux_loss_coef (config.json)",
+        ),
         "precompute_ref_logps": Key(False, "true = reference log-probs computed once, up front"),
+        # TR-DPO (arXiv:2404.09656; TRL's sync_ref_model): flux_jax/ref_sync.py.
+        "ref_sync": {
+            "every_steps": Key(
+                0,
+                "TR-DPO: every this many optimiser steps, reference = mixup_alpha * policy + "
+                "(1 - mixup_alpha) * reference (TRL's ref_model_sync_steps); 0 = fixed reference",
+            ),
+            "mixup_alpha": Key(
+                0.6, "TR-DPO's alpha in (0, 1]; 1 = copy the policy (TRL's ref_model_mixup_alpha)"
+            ),
+        },
     },
     "adaptive_async": {
         "enabled": Key(False, "async rollout/train overlap for GRPO/PPO; must be false for DPO"),
@@ -71,7 +129,10 @@ SCHEMA: dict[str, Any] = {
     },
     "data": {
         "train_path": Key(
-            "", "training pairs: .jsonl, .jsonl.gz, dir or glob; '' = bundled demo", path=True
+            "",
+            "training pairs: .jsonl(.gz), .parquet, save_to_disk dir, dir or glob of them, or "
+            "hf:org/name[:split]; '' = bundled demo",
+            path=True,
         ),
         "eval_path": Key(
             "", "held-out pairs for eval and best-checkpoint choice; '' = none", path=True
@@ -82,11 +143,21 @@ SCHEMA: dict[str, Any] = {
             "or implicit_prompt (chosen/rejected only; the shared start is the prompt)",
             ("preferences", "conversational", "implicit_prompt"),
         ),
+        "tokenization": Key(
+            "separate",
+            "separate = prompt and completion tokenised apart, eos id appended (TRL 0.12-0.28); "
+            "joint = prompt + completion + eos text tokenised as one, split at the common token "
+            "prefix (TRL >= 0.29; TRL 1.16 id for id): see flux_jax.data.tokenization",
+            ("separate", "joint"),
+        ),
         "max_length": Key(1024, "maximum tokens per sequence (prompt + response)"),
         "max_prompt_length": Key(512, "maximum prompt tokens; must be < max_length"),
         "drop_truncated": Key(False, "true = drop pairs that need truncation, false = truncate"),
         "on_bad_record": Key("error", "bad JSONL record: error or skip", ("error", "skip")),
-        # = flux_jax.data.records.DEFAULT_MAX_RECORD_BYTES (16 MiB; see there for why).
+        # 16 MiB per line: about 1.4M tokens in each of prompt, chosen and rejected at ~4 bytes
+        # per token, far beyond any context window trained today, while a line's transient cost
+        # when parsed, rendered and tokenised (~190x its size, measured on a 50 MB line) stays
+        # near 3 GB. (flux_jax.data.records.DEFAULT_MAX_RECORD_BYTES reads it from here.)
         "max_record_bytes": Key(
             16 * 2**20, "longest JSONL line (bytes) read; a longer one is a bad record"
         ),
@@ -108,6 +179,27 @@ SCHEMA: dict[str, Any] = {
         "num_threads": Key(2, "data-loading threads per host"),
         "prefetch": Key(4, "batches prefetched ahead of the training step"),
         "shuffle_seed": Key(-1, "seed of the data shuffle; -1 = use seed"),
+        # Tokenise once, memory-map after: flux_jax.data.token_cache / token_store.
+        "token_cache": Key(
+            True,
+            "true = tokenise into an on-disk store on first use and memory-map it on later runs "
+            "(keyed by data, tokenizer and these settings); false = tokenise in memory each run",
+        ),
+        "token_cache_dir": Key(
+            "",
+            "token stores' directory; '' = $FLUX_JAX_CACHE/tokens, else "
+            "$XDG_CACHE_HOME/flux_jax/tokens (~/.cache/flux_jax/tokens)",
+            path=True,
+        ),
+        "tokenize_workers": Key(
+            0, "processes tokenising a new token store of large data; 0 = min(8, CPU count)"
+        ),
+        # The dataset's own column (or JSONL key) for each field; errors then name that column.
+        "columns": {
+            "prompt": Key("", "column holding the prompt; '' = 'prompt'"),
+            "chosen": Key("", "column holding the chosen response; '' = 'chosen'"),
+            "rejected": Key("", "column holding the rejected response; '' = 'rejected'"),
+        },
     },
     "model": {
         "param_dtype": Key("float32", "trained weights and Adam state", ("float32", "bfloat16")),
@@ -120,6 +212,12 @@ SCHEMA: dict[str, Any] = {
             "attention kernel: xla, cudnn (NVIDIA flash), splash (Pallas TPU), auto (per backend)",
             ("xla", "cudnn", "splash", "auto"),
         ),
+        "moe_impl": Key(
+            "auto",
+            "MoE experts: grouped (ragged_dot over routed tokens), dense (every expert on every "
+            "token: the reference), auto (= grouped)",
+            ("dense", "grouped", "auto"),
+        ),
         "logprob_chunk_size": Key(
             DEFAULT_CHUNK_SIZE, "positions per chunk of LM-head logits; 0 = unchunked"
         ),
@@ -128,6 +226,42 @@ SCHEMA: dict[str, Any] = {
         ),
         "prefix_sharing": Key(False, "true = run the shared prompt once for chosen and rejected"),
         "packing": Key(False, "true = pack several pairs into one sequence row"),
+        # LoRA (flux_jax/lora.py): train low-rank adapters on a frozen base, which is also the
+        # DPO reference (no second copy of the model).
+        "lora": {
+            "rank": Key(0, "LoRA rank r of the adapters; 0 = off (full fine-tuning)"),
+            "alpha": Key(
+                16.0, "LoRA alpha: the adapter path is scaled by alpha / rank (PEFT's lora_alpha)"
+            ),
+            "dropout": Key(0.0, "dropout on the adapter input while training, [0, 1)"),
+            "target_modules": Key(
+                DEFAULT_TARGETS, f"projections that get adapters: {', '.join(DEFAULT_TARGETS)}"
+            ),
+            "rslora": Key(False, "true = rank-stabilised scale alpha / sqrt(rank) (rsLoRA)"),
+            "base_dtype": Key(
+                "",
+                "dtype of the frozen base: '' = model.compute_dtype; float32; bfloat16 (with "
+                "compute_dtype bfloat16)",
+                ("", "float32", "bfloat16"),
+            ),
+            # QLoRA (flux_jax/quantization.py, through qwix): the frozen base's attention and MLP
+            # projections stored as int8 or NF4 codes with fp32 scales.
+            "base_quantization": Key(
+                "none",
+                "quantise the frozen base's projections: none, int8 (absmax, error <= 1/255 of "
+                "the scale's absmax) or nf4 (QLoRA's NormalFloat-4, 1/8 of fp32 + scales)",
+                ("none", "int8", "nf4"),
+            ),
+            "quantization_block": Key(
+                64, "input features per quantisation scale; 0 = one per output channel"
+            ),
+            "init_from": Key(
+                "",
+                "PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors) to start "
+                "the adapters from, e.g. after SFT; '' = fresh (B = 0)",
+                path=True,
+            ),
+        },
     },
     "compile_cache": {
         "enabled": Key(True, "true = reuse compiled steps across runs (JAX persistent cache)"),
@@ -173,6 +307,28 @@ SCHEMA: dict[str, Any] = {
         "every_steps": Key(1, "write metrics every this many optimiser steps"),
         "tensorboard": Key(True, "true = write TensorBoard event files under output_dir"),
         "progress_bar": Key(True, "true = show a progress bar on the terminal"),
+        "logits_metrics": Key(
+            True,
+            "true = report TRL's logits/chosen and logits/rejected (mean logit over the vocabulary "
+            "per response token): one more reduction over each LM-head chunk's logits in the "
+            "forward pass, none in the backward",
+        ),
+        # Optional trackers (flux_jax/trackers.py; extras flux_jax[wandb], flux_jax[trackio]):
+        # each gets the metrics.jsonl lines and the config; on when its project is set.
+        "wandb": {
+            "project": Key("", "Weights & Biases project; '' = W&B off"),
+            "entity": Key("", "W&B team or user; '' = your default entity"),
+            "name": Key("", "W&B run name; '' = W&B picks one"),
+            "mode": Key(
+                "online",
+                "online, offline (local files; `wandb sync` later) or disabled",
+                ("online", "offline", "disabled"),
+            ),
+        },
+        "trackio": {
+            "project": Key("", "Trackio project (local database, `trackio show`); '' = off"),
+            "name": Key("", "Trackio run name; '' = Trackio picks one"),
+        },
     },
     # Devices per mesh axis; -1 = the remaining devices. The product must equal the device
     # count, which is only known (and checked) when the mesh is built.
@@ -180,6 +336,11 @@ SCHEMA: dict[str, Any] = {
         "data": Key(1, "devices on the data-parallel axis"),
         "fsdp": Key(-1, "devices on the FSDP (sharded weights and optimiser state) axis"),
         "tensor": Key(1, "devices on the tensor-parallel axis"),
+        "expert": Key(
+            1,
+            "devices on the expert-parallel axis (Qwen3-MoE: experts split over it, the batch "
+            "too; must divide num_experts)",
+        ),
     },
     "generation": {
         "max_new_tokens": Key(128, "maximum tokens generated per prompt"),
@@ -190,10 +351,27 @@ SCHEMA: dict[str, Any] = {
     },
 }
 
-SECTIONS = tuple(k for k, v in SCHEMA.items() if isinstance(v, dict))
-LEAVES: dict[str, Key] = {}
-for _name, _entry in SCHEMA.items():
-    if isinstance(_entry, dict):
-        LEAVES.update({f"{_name}.{k}": v for k, v in _entry.items()})
-    else:
-        LEAVES[_name] = _entry
+SECTIONS = tuple(k for k, v in SCHEMA.items() if isinstance(v, dict))  # top-level sections
+SUBSECTIONS: list[str] = []  # sections inside sections, dotted: "model.lora"
+LEAVES: dict[str, Key] = {}  # every key by its dotted path: "model.lora.rank"
+
+
+def _collect(prefix: str, entries: dict[str, Any]) -> None:
+    for name, entry in entries.items():
+        if isinstance(entry, dict):
+            if prefix:
+                SUBSECTIONS.append(prefix + name)
+            _collect(f"{prefix}{name}.", entry)
+        else:
+            LEAVES[prefix + name] = entry
+
+
+_collect("", SCHEMA)
+
+
+def section_schema(path: str) -> dict[str, Any]:
+    """The schema of the section at dotted `path` ("model", "model.lora")."""
+    entries = SCHEMA
+    for name in path.split("."):
+        entries = entries[name]
+    return entries

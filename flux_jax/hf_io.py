@@ -9,6 +9,7 @@ its own devices need.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -21,14 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
-from safetensors import safe_open
+from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors.numpy import save_file
 
 from flux_jax import sharding as sharding_lib
 from flux_jax.models.qwen import params as table
 from flux_jax.models.qwen.config import QwenConfig
 from flux_jax.models.qwen.model import QwenForCausalLM, build_model
+
+# CheckpointError is public as flux_jax.CheckpointError and flux_jax.hf_io.CheckpointError.
+from flux_jax.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,8 @@ TOKENIZER_FILES = (
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not match the architecture its config describes."""
-
-
 def as_dtype(dtype: Any) -> Any:
+    """The jnp dtype named by a config string ("float32", "bfloat16", "float16"); others pass."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}; valid: {', '.join(DTYPES)}")
@@ -57,138 +57,13 @@ def as_dtype(dtype: Any) -> Any:
     return dtype
 
 
-class SafetensorsCheckpoint:
-    """The tensors of a HF model directory: one model.safetensors, or shards with an index."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        index_path = os.path.join(self.path, "model.safetensors.index.json")
-        weight_map: dict[str, str] = {}
-        if os.path.exists(index_path):
-            weight_map = _read_weight_map(index_path)
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(n for n in os.listdir(self.path) if n.endswith(".safetensors"))
-            if not files:
-                raise CheckpointError(
-                    f"{self.path}: no model.safetensors, model.safetensors.index.json or "
-                    "*.safetensors files (PyTorch .bin checkpoints are not read; convert them with "
-                    "transformers' save_pretrained(safe_serialization=True))"
-                )
-        self._handles = {}
-        self.file_of: dict[str, str] = {}
-        self.shape_of: dict[str, tuple[int, ...]] = {}
-        for name in files:
-            file_path = os.path.join(self.path, name)
-            if not os.path.exists(file_path):
-                raise CheckpointError(f"{index_path}: lists {name}, which does not exist")
-            try:
-                handle = safe_open(file_path, framework="numpy")
-                shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-            except Exception as e:  # safetensors' errors name neither the file nor the cause
-                listed = [k for k, v in weight_map.items() if v == name]
-                where = (
-                    f" (listed in {index_path} for {len(listed)} tensors, e.g. {listed[0]})"
-                    if listed
-                    else ""
-                )
-                raise CheckpointError(
-                    f"{file_path}{where}: unreadable safetensors file: "
-                    f"{describe_safetensors_damage(file_path, e)}. Re-download or re-copy it."
-                ) from e
-            self._handles[name] = handle
-            for key, shape in shapes.items():
-                self.file_of[key] = name
-                self.shape_of[key] = shape
-
-    def read(self, key: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
-        name = self.file_of[key]
-        try:
-            tensor_slice = self._handles[name].get_slice(key)
-            return tensor_slice[index] if index is not None else tensor_slice[:]
-        except Exception as e:
-            raise CheckpointError(
-                f"{os.path.join(self.path, name)}: cannot read tensor {key!r} "
-                f"({type(e).__name__}: {e})"
-            ) from e
-
-
-def _read_weight_map(index_path: str) -> dict[str, str]:
-    """The tensor -> shard file map of a model.safetensors.index.json, or an error naming it."""
-    try:
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index_path}: invalid JSON ({e}); re-download or re-copy it") from e
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: no 'weight_map' mapping of tensor -> file") from e
-    bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str)]
-    if not isinstance(weight_map, dict) or bad:
-        raise CheckpointError(
-            f"{index_path}: 'weight_map' must map tensor names to file names; got {bad[:3]}"
-        )
-    return weight_map
-
-
-def describe_safetensors_damage(file_path: str, error: Exception) -> str:
-    """What seems wrong with a safetensors file that safetensors refused, in plain words.
-
-    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte
-    range, then the data; comparing the file's size with what the header describes tells a
-    truncated copy from a file that is not safetensors at all.
-    """
-    cause = f"safetensors says: {error}"
-    try:
-        size = os.path.getsize(file_path)
-        with open(file_path, "rb") as f:
-            start = f.read(64)
-            header_len = int.from_bytes(start[:8], "little")
-            f.seek(8)
-            header_bytes = f.read(header_len) if header_len <= size - 8 else b""
-    except OSError as e:
-        return f"{e.strerror or e} ({cause})"
-    if start.startswith(b"version https://git-lfs"):
-        return "it is a Git LFS pointer, not the weights: run `git lfs pull` in its repository"
-    if size < 8:
-        return f"the file is {size} bytes, too short for a safetensors header ({cause})"
-    if header_len > size - 8:
-        return (
-            f"its first 8 bytes give a {header_len}-byte header but the file has only "
-            f"{size} bytes: truncated, or not a safetensors file ({cause})"
-        )
-    try:
-        header = json.loads(header_bytes)
-        data_end = max(
-            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-            default=0,
-        )
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return f"its header is not valid safetensors JSON: corrupted ({cause})"
-    expected = 8 + header_len + data_end
-    if size < expected:
-        return (
-            f"truncated: its header describes {expected} bytes, the file has {size} "
-            f"({expected - size} missing) ({cause})"
-        )
-    if size > expected:
-        return (
-            f"{size - expected} bytes longer than the {expected} its header describes: "
-            f"damaged or appended to ({cause})"
-        )
-    return cause
-
-
 def _expected_tensors(cfg: QwenConfig, our_shapes: dict) -> dict[str, tuple]:
-    """HF name -> (entry, layer index or None, expected HF shape)."""
+    """HF name -> (entry, leading index into our parameter, expected HF shape)."""
     expected = {}
     for entry in table.weight_table(cfg):
-        shape = our_shapes[entry.path]
-        if entry.stacked:
-            for i in range(cfg.num_hidden_layers):
-                hf_shape = table.hf_shape(entry.layout, shape[1:])
-                expected[entry.hf_name.format(i=i)] = (entry, i, hf_shape)
-        else:
-            expected[entry.hf_name] = (entry, None, table.hf_shape(entry.layout, shape))
+        hf_shape = table.hf_shape(entry.layout, our_shapes[entry.path][entry.lead_dims :])
+        for hf_name, lead in entry.hf_tensors():
+            expected[hf_name] = (entry, lead, hf_shape)
     return expected
 
 
@@ -243,14 +118,14 @@ def _read_block(
         )
         return table.to_ours(entry.layout, ckpt.read(hf_name, hf_index), block_shape)
 
-    if not entry.stacked:
-        block = one_layer(entry.hf_name, index, full_shape)
-    else:
-        layers = range(*index[0].indices(full_shape[0]))
-        block = np.stack(
-            [one_layer(entry.hf_name.format(i=i), index[1:], full_shape[1:]) for i in layers]
-        )
-    return np.asarray(block).astype(dtype)
+    n = entry.lead_dims  # leading axes that pick an HF tensor (layer; expert)
+    if n == 0:
+        return np.asarray(one_layer(entry.hf_name, index, full_shape)).astype(dtype)
+    lead_ranges = [range(*s.indices(d)) for s, d in zip(index[:n], full_shape[:n], strict=True)]
+    leads = list(itertools.product(*lead_ranges))
+    tensors = [one_layer(entry.hf_name_at(lead), index[n:], full_shape[n:]) for lead in leads]
+    lead_shape = tuple(len(r) for r in lead_ranges)
+    return np.stack(tensors).reshape(lead_shape + tensors[0].shape).astype(dtype)
 
 
 def _block_reader(
@@ -280,15 +155,17 @@ def load_pretrained(
     mesh: Mesh | None = None,
     remat: str = "none",
     attention_impl: str | None = "xla",
+    moe_impl: str = "auto",
 ) -> QwenForCausalLM:
-    """Loads an HF Qwen2/Qwen3 model directory (config.json + safetensors) into a flux_jax model.
+    """Loads an HF Qwen2/Qwen3/Qwen3-MoE model directory (config.json + safetensors) into a
+    flux_jax model.
 
     Args:
       path: the HF model directory.
       dtype: parameter dtype ("float32" for training master weights, "bfloat16" to serve).
       compute_dtype: activation dtype (default: `dtype`).
       mesh: place every parameter on its sharding over this mesh (default: the first device).
-      remat, attention_impl: passed to the model (see QwenForCausalLM).
+      remat, attention_impl, moe_impl: passed to the model (see QwenForCausalLM).
     """
     path = os.fspath(path)
     cfg = QwenConfig.from_pretrained_dir(path)
@@ -300,6 +177,7 @@ def load_pretrained(
         remat=remat,
         attention_impl=attention_impl,
         activation_sharding=sharding_lib.batch_sharding(mesh) if mesh is not None else None,
+        moe_impl=moe_impl,
         abstract=True,
     )
     graphdef, state = nnx.split(abstract)
@@ -313,8 +191,7 @@ def load_pretrained(
         var = flat[entry.path]
         shape = var.get_value().shape
         if mesh is not None:
-            axes = var.get_metadata()["logical_axes"]
-            target = NamedSharding(mesh, sharding_lib.logical_to_spec(axes, shape, mesh))
+            target = sharding_lib.logical_sharding(mesh, var.get_metadata()["logical_axes"], shape)
         else:  # this process's first device: jax.devices()[0] may belong to another process
             target = SingleDeviceSharding(jax.local_devices()[0])
         # Called only for this process's devices: a host reads just the blocks it holds.
@@ -340,23 +217,21 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def _export_plan(cfg: QwenConfig, flat: dict) -> list[tuple[str, table.WeightEntry, int | None]]:
-    """(hf_name, entry, layer) in an order that reads each stacked parameter once."""
-    plan = []
-    for entry in table.weight_table(cfg):
-        if entry.stacked:
-            plan += [(entry.hf_name.format(i=i), entry, i) for i in range(cfg.num_hidden_layers)]
-        else:
-            plan.append((entry.hf_name, entry, None))
-    return plan
+def _export_plan(cfg: QwenConfig, flat: dict) -> list[tuple[str, table.WeightEntry, tuple]]:
+    """(hf_name, entry, leading index) in an order that reads each stacked parameter once."""
+    return [
+        (hf_name, entry, lead)
+        for entry in table.weight_table(cfg)
+        for hf_name, lead in entry.hf_tensors()
+    ]
 
 
 def _host_tensors(flat: dict, plan, np_dtype) -> Iterator[tuple[str, np.ndarray]]:
     current_path, current = None, None
-    for hf_name, entry, layer in plan:
+    for hf_name, entry, lead in plan:
         if entry.path != current_path:  # one stacked parameter on the host at a time
             current_path, current = entry.path, sharding_lib.to_host(flat[entry.path].get_value())
-        ours = current[layer] if layer is not None else current
+        ours = current[lead]
         yield hf_name, table.to_hf(entry.layout, ours).astype(np_dtype)
 
 
@@ -386,12 +261,8 @@ def save_pretrained(
 
     # Assign tensors to shards from their sizes first: shard names carry the total count.
     shard_of, sizes, shard, used = {}, {}, 0, 0
-    for hf_name, entry, layer in plan:
-        shape = (
-            flat[entry.path].get_value().shape[1:]
-            if layer is not None
-            else flat[entry.path].get_value().shape
-        )
+    for hf_name, entry, lead in plan:
+        shape = flat[entry.path].get_value().shape[len(lead) :]
         nbytes = int(np.prod(shape)) * np_dtype.itemsize
         if used and used + nbytes > limit:
             shard, used = shard + 1, 0

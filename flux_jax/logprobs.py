@@ -22,12 +22,19 @@ Convention (shared with the data pipeline and the train step):
 
 Numerics: the head matmul runs in `compute_dtype` (e.g. bf16) but accumulates into fp32
 (`preferred_element_type=float32`), and the log-softmax is always taken in fp32.
+
+Statistics (`token_logprobs_and_stats`, `HEAD_STATS`): the same pass can also return per-token
+statistics of the head's distribution, computed from the chunk's logits while they exist and only
+when asked for (none by default: no cost). They carry no gradient, as TRL's fused head marks them
+non-differentiable: `log_sum_sq_probs` = log sum_v p_v^2 (WPO's weights) and `mean_logits` = the
+mean logit over the vocabulary (TRL's `logits/chosen`, `logits/rejected` metrics).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +44,8 @@ from flux_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, batch_multiple
 
 # Positions per LM-head chunk; also the config's model.logprob_chunk_size default.
 DEFAULT_CHUNK_SIZE = 512
+# The per-token statistics the head can return beside the log-probs (TRL's names).
+HEAD_STATS = ("log_sum_sq_probs", "mean_logits")
 
 
 def lm_head_chunk_size(
@@ -111,21 +120,32 @@ def _is_target(targets_BxC: jax.Array, vocab: int) -> jax.Array:
     return vocab_ids_1x1xV == targets_BxC[..., None]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _head_stat(name: str, logits_BxCxV: jax.Array, lse_BxC: jax.Array) -> jax.Array:
+    """One of `HEAD_STATS` per position, from the chunk's fp32 logits."""
+    if name == "log_sum_sq_probs":  # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
+        return jax.nn.logsumexp(2.0 * logits_BxCxV, axis=-1) - 2.0 * lse_BxC
+    if name == "mean_logits":
+        return logits_BxCxV.sum(axis=-1) / logits_BxCxV.shape[-1]
+    raise ValueError(f"unknown LM-head statistic {name!r}; known: {', '.join(HEAD_STATS)}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _chunk_token_logprobs(
     hidden_BxCxD: jax.Array,
     lm_head_DxV: jax.Array,
     targets_BxC: jax.Array,
     mask_BxC: jax.Array,
     compute_dtype: DTypeLike,
-) -> jax.Array:
-    """Masked log p(target) for one chunk of positions; the only place logits exist.
+    stats: tuple[str, ...],
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Masked log p(target) for one chunk of positions, and the requested `stats` (each [B, C],
+    no gradient); the only place logits exist.
 
     A custom VJP so that neither pass keeps logits beyond the chunk: the forward saves only the
     [B, C] log-normaliser, and the backward recomputes the chunk's logits and turns them into
     d logits = g * (onehot - softmax) in one fused elementwise pass.
     """
-    return _chunk_fwd(hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, compute_dtype)[0]
+    return _chunk_fwd(hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, compute_dtype, stats)[0]
 
 
 def _chunk_fwd(
@@ -134,7 +154,8 @@ def _chunk_fwd(
     targets_BxC: jax.Array,
     mask_BxC: jax.Array,
     compute_dtype: DTypeLike,
-) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    stats: tuple[str, ...],
+) -> tuple[tuple[jax.Array, tuple[jax.Array, ...]], tuple[jax.Array, ...]]:
     logits_BxCxV = _chunk_logits(hidden_BxCxD, lm_head_DxV, compute_dtype)
     lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
     is_target_BxCxV = _is_target(targets_BxC, logits_BxCxV.shape[-1])
@@ -143,13 +164,20 @@ def _chunk_fwd(
     target_logit_BxC = (logits_BxCxV * is_target_BxCxV).sum(axis=-1)
     # `where`, not multiply: a masked position contributes exactly 0 whatever its logits are.
     logps_BxC = jnp.where(mask_BxC, target_logit_BxC - lse_BxC, 0.0)
-    return logps_BxC, (hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, lse_BxC)
+    stats_BxC = tuple(
+        jnp.where(mask_BxC, _head_stat(name, logits_BxCxV, lse_BxC), 0.0) for name in stats
+    )
+    return (logps_BxC, stats_BxC), (hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, lse_BxC)
 
 
 def _chunk_bwd(
-    compute_dtype: DTypeLike, residuals: tuple[jax.Array, ...], g_BxC: jax.Array
+    compute_dtype: DTypeLike,
+    stats: tuple[str, ...],
+    residuals: tuple[jax.Array, ...],
+    g: tuple[jax.Array, tuple[jax.Array, ...]],
 ) -> tuple[jax.Array | None, ...]:
     hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, lse_BxC = residuals
+    g_BxC, _ = g  # the statistics' cotangents are dropped: they carry no gradient (as TRL's)
     logits_BxCxV = _chunk_logits(hidden_BxCxD, lm_head_DxV, compute_dtype)
     g_BxC = jnp.where(mask_BxC, g_BxC, 0.0)
     is_target_BxCxV = _is_target(targets_BxC, logits_BxCxV.shape[-1])
@@ -182,12 +210,27 @@ def token_logprobs(
     lm_head_DxV: jax.Array,
     input_ids_BxT: jax.Array,
     loss_mask_BxT: jax.Array,
+    **options: Any,
+) -> jax.Array:
+    """Per-token fp32 log-probs of `input_ids`, aligned with `input_ids`, zero where not scored:
+    `token_logprobs_and_stats` without statistics (its arguments, its first output)."""
+    return token_logprobs_and_stats(
+        hidden_BxTxD, lm_head_DxV, input_ids_BxT, loss_mask_BxT, **options
+    )[0]
+
+
+def token_logprobs_and_stats(
+    hidden_BxTxD: jax.Array,
+    lm_head_DxV: jax.Array,
+    input_ids_BxT: jax.Array,
+    loss_mask_BxT: jax.Array,
     *,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     compute_dtype: DTypeLike = jnp.float32,
     source_index_BxT: jax.Array | None = None,
     scored_positions_BxW: jax.Array | None = None,
-) -> jax.Array:
+    stats: tuple[str, ...] = (),
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-token fp32 log-probs of `input_ids`, aligned with `input_ids`, zero where not scored.
 
     Args:
@@ -209,11 +252,18 @@ def token_logprobs(
         left-aligned and padded with -1 (flux_jax.data.batching.scored_positions). The head then
         runs on those W positions only instead of all T: a prompt's positions cost no LM-head
         work. Tokens outside the list are not scored even where `loss_mask` is 1.
+      stats: names from `HEAD_STATS` to compute in the same pass (see the module docstring).
 
     Returns:
-      logps_BxT: float32, `logps[b, t] = log p(input_ids[b, t] | input_ids[b, :t])` where
-      `loss_mask[b, t]` (t >= 1), else 0. Summing over T gives `sequence_logprobs`.
+      `(logps_BxT, stats)`: `logps_BxT` float32, `logps[b, t] = log p(input_ids[b, t] |
+      input_ids[b, :t])` where `loss_mask[b, t]` (t >= 1), else 0; summing over T gives
+      `sequence_logprobs`. `stats` maps each requested name to a float32 [B, T] aligned the same
+      way (the statistic of the distribution that scores token t), 0 where not scored, no gradient.
     """
+    stats = tuple(stats)
+    unknown = [name for name in stats if name not in HEAD_STATS]
+    if unknown:
+        raise ValueError(f"unknown LM-head statistics {unknown}; known: {', '.join(HEAD_STATS)}")
     batch, seq_len, _ = hidden_BxTxD.shape
     if input_ids_BxT.shape != (batch, seq_len) or loss_mask_BxT.shape != (batch, seq_len):
         raise ValueError(
@@ -232,6 +282,7 @@ def token_logprobs(
             source_index_BxT,
             chunk_size=chunk_size,
             compute_dtype=compute_dtype,
+            stats=stats,
         )
     if source_index_BxT is not None:
         if source_index_BxT.shape != (batch, seq_len):
@@ -244,26 +295,32 @@ def token_logprobs(
         source_BxTxD = jnp.take_along_axis(
             hidden_BxTxD, source_index_BxT.astype(jnp.int32)[:, :, None], axis=1
         )
-        return _aligned_token_logprobs(
+        logps_BxT, stats_BxT = _aligned_token_logprobs(
             source_BxTxD,
             lm_head_DxV,
             input_ids_BxT,
             loss_mask_BxT.astype(bool),
             chunk_size=chunk_size,
             compute_dtype=compute_dtype,
+            stats=stats,
         )
+        return logps_BxT, dict(zip(stats, stats_BxT, strict=True))
 
     # Shift once: position s of these predicts token s + 1.
-    logps_BxS = _aligned_token_logprobs(
+    logps_BxS, stats_BxS = _aligned_token_logprobs(
         hidden_BxTxD[:, :-1],
         lm_head_DxV,
         input_ids_BxT[:, 1:],
         loss_mask_BxT[:, 1:].astype(bool),
         chunk_size=chunk_size,
         compute_dtype=compute_dtype,
+        stats=stats,
     )
-    # Re-align with input_ids: column 0 (never scored) is 0.
-    return jnp.pad(logps_BxS, ((0, 0), (1, 0)))
+
+    def realign(values_BxS: jax.Array) -> jax.Array:  # column 0 (never scored) is 0
+        return jnp.pad(values_BxS, ((0, 0), (1, 0)))
+
+    return realign(logps_BxS), {n: realign(v) for n, v in zip(stats, stats_BxS, strict=True)}
 
 
 def _windowed_token_logprobs(
@@ -276,8 +333,9 @@ def _windowed_token_logprobs(
     *,
     chunk_size: int | None,
     compute_dtype: DTypeLike,
-) -> jax.Array:
-    """`token_logprobs` with the head applied only at the listed scored positions."""
+    stats: tuple[str, ...],
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`token_logprobs_and_stats` with the head applied only at the listed scored positions."""
     batch, seq_len, _ = hidden_BxTxD.shape
     if scored_positions_BxW.ndim != 2 or scored_positions_BxW.shape[0] != batch:
         raise ValueError(f"scored_positions {scored_positions_BxW.shape} must be [B={batch}, W]")
@@ -293,17 +351,22 @@ def _windowed_token_logprobs(
     source_BxWxD = jnp.take_along_axis(hidden_BxTxD, source_BxW[:, :, None], axis=1)
     targets_BxW = jnp.take_along_axis(input_ids_BxT, target_BxW, axis=1)
     mask_BxW = jnp.take_along_axis(loss_mask_BxT, target_BxW, axis=1).astype(bool) & listed_BxW
-    logps_BxW = _aligned_token_logprobs(
+    logps_BxW, stats_BxW = _aligned_token_logprobs(
         source_BxWxD,
         lm_head_DxV,
         targets_BxW,
         mask_BxW,
         chunk_size=chunk_size,
         compute_dtype=compute_dtype,
+        stats=stats,
     )
     # Back to input_ids' columns. Padding entries (-1, clamped to column 0) add exactly 0.
     rows_Bx1 = jnp.arange(batch, dtype=jnp.int32)[:, None]
-    return jnp.zeros((batch, seq_len), jnp.float32).at[rows_Bx1, target_BxW].add(logps_BxW)
+
+    def scatter(values_BxW: jax.Array) -> jax.Array:
+        return jnp.zeros((batch, seq_len), jnp.float32).at[rows_Bx1, target_BxW].add(values_BxW)
+
+    return scatter(logps_BxW), {n: scatter(v) for n, v in zip(stats, stats_BxW, strict=True)}
 
 
 def _aligned_token_logprobs(
@@ -314,15 +377,17 @@ def _aligned_token_logprobs(
     *,
     chunk_size: int | None,
     compute_dtype: DTypeLike,
-) -> jax.Array:
-    """Masked log p(targets[:, s] | hidden[:, s]) [B, S], the head applied chunk by chunk."""
+    stats: tuple[str, ...] = (),
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Masked log p(targets[:, s] | hidden[:, s]) [B, S], the head applied chunk by chunk, and
+    the requested `stats` [B, S] each."""
     batch, num_pos, _ = hidden_BxSxD.shape
     # The head goes into the scan uncast: its gradient is accumulated across chunks in the head's
     # own dtype, which should be the fp32 master weight's, not bf16. (XLA hoists the
     # loop-invariant cast to compute_dtype out of the loop anyway.)
     if chunk_size is None or num_pos == 0:
         return _chunk_token_logprobs(
-            hidden_BxSxD, lm_head_DxV, targets_BxS, mask_BxS, compute_dtype
+            hidden_BxSxD, lm_head_DxV, targets_BxS, mask_BxS, compute_dtype, stats
         )
 
     chunk = min(chunk_size, num_pos)
@@ -339,16 +404,20 @@ def _aligned_token_logprobs(
 
     # No jax.checkpoint needed: the custom VJP's residuals are the chunk's inputs and its [B, C]
     # log-normaliser, so the scan stacks nothing of size V.
-    def body(carry: None, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[None, jax.Array]:
+    def body(carry: None, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[None, Any]:
         hidden_BxCxD, targets_BxC, mask_BxC = xs
         return carry, _chunk_token_logprobs(
-            hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, compute_dtype
+            hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, compute_dtype, stats
         )
 
-    _, logps_NxBxC = jax.lax.scan(
+    _, (logps_NxBxC, stats_NxBxC) = jax.lax.scan(
         body, None, (to_chunks(hidden_BxPxD), to_chunks(targets_BxP), to_chunks(mask_BxP))
     )
-    return jnp.swapaxes(logps_NxBxC, 0, 1).reshape(batch, num_chunks * chunk)[:, :num_pos]
+
+    def from_chunks(x_NxBxC: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x_NxBxC, 0, 1).reshape(batch, num_chunks * chunk)[:, :num_pos]
+
+    return from_chunks(logps_NxBxC), tuple(from_chunks(x) for x in stats_NxBxC)
 
 
 def sequence_logprobs(
@@ -356,24 +425,16 @@ def sequence_logprobs(
     lm_head_DxV: jax.Array,
     input_ids_BxT: jax.Array,
     loss_mask_BxT: jax.Array,
-    *,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    compute_dtype: DTypeLike = jnp.float32,
+    **options: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed fp32 log-prob of each sequence's response tokens, and how many tokens were scored.
 
-    Arguments as for `token_logprobs`. Returns `(logps_B float32, token_counts_B int32)`, where
-    `token_counts_B = loss_mask[:, 1:].sum(-1)`. A caller that also needs per-token log-probs (the
-    KL regulariser) should call `token_logprobs` once and sum it over T instead.
+    Arguments and `options` (chunk_size, compute_dtype) as for `token_logprobs`. Returns
+    `(logps_B float32, token_counts_B int32)`, where `token_counts_B = loss_mask[:, 1:].sum(-1)`.
+    A caller that also needs per-token log-probs (the KL regulariser) should call
+    `token_logprobs` once and sum it over T instead.
     """
-    logps_BxT = token_logprobs(
-        hidden_BxTxD,
-        lm_head_DxV,
-        input_ids_BxT,
-        loss_mask_BxT,
-        chunk_size=chunk_size,
-        compute_dtype=compute_dtype,
-    )
+    logps_BxT = token_logprobs(hidden_BxTxD, lm_head_DxV, input_ids_BxT, loss_mask_BxT, **options)
     return logps_BxT.sum(axis=-1), token_counts(loss_mask_BxT)
 
 

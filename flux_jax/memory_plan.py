@@ -12,6 +12,10 @@
                like the parameters; 0 for precomputed reference log-probs or reference_free;
   activations  an estimate, below.
 
+With LoRA (model.lora.rank > 0) the trained params are the fp32 adapters, a frozen "base" (in
+model.lora.base_dtype, or quantised) replaces the reference copy, and two activation terms are
+added: flux_jax/lora_memory.py.
+
 Activations, per device (c = bytes of the compute dtype; t = the tensor axis size, dividing the
 head and MLP widths when they divide; D hidden, N/K query/kv heads, H head_dim, F MLP width, L
 layers, V vocab, T = max_length):
@@ -44,9 +48,9 @@ norm and softmax temporaries in fp32, so they use somewhat more than the c = 2 f
 
 The reference forward runs under stop_gradient and saves nothing, so it adds at most one layer's
 working set while the policy's residuals are not yet live; it is not counted separately. The
-estimate ignores XLA's scratch buffers and fragmentation: `fits` keeps 10% of the device free for
-them (`USABLE_FRACTION`). On GPU also set XLA_PYTHON_CLIENT_MEM_FRACTION=0.95, since JAX
-preallocates 75% of the memory by default.
+estimate ignores XLA's scratch buffers and fragmentation: `memory_report.fits` keeps 10% of the
+device free for them (`USABLE_FRACTION`). On GPU also set XLA_PYTHON_CLIENT_MEM_FRACTION=0.95,
+since JAX preallocates 75% of the memory by default. Device names and their memory: devices.py.
 """
 
 from __future__ import annotations
@@ -60,46 +64,25 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from flux_jax.logprobs import DEFAULT_CHUNK_SIZE, lm_head_chunk_size
+from flux_jax.lora import LoraSettings
+from flux_jax.lora_memory import describe as describe_lora
+from flux_jax.lora_memory import lora_activation_terms, lora_state_bytes
 from flux_jax.models.qwen.config import QwenConfig
+from flux_jax.models.qwen.expert_parallel import check_expert_mesh
 from flux_jax.models.qwen.model import build_model
 from flux_jax.models.qwen.presets import resolve_architecture
+from flux_jax.quantization import BaseQuantization
 from flux_jax.sharding import (
     MESH_AXES,
     batch_multiple,
-    format_bytes,
     logical_to_spec,
     resolve_mesh_shape,
     weight_shard_factor,
 )
 
-GIB = 1 << 30
-USABLE_FRACTION = 0.9
 REFERENCE_MODES = ("model", "precomputed", "none")
 
-# Nominal memory per chip (HBM), in GiB as the vendors quote it.
-KNOWN_DEVICES: dict[str, tuple[str, float]] = {
-    "v4": ("TPU v4", 32),
-    "v5e": ("TPU v5e", 16),
-    "v5p": ("TPU v5p", 95),
-    "v6e": ("TPU v6e (Trillium)", 32),
-    "a100-40gb": ("NVIDIA A100 40GB", 40),
-    "a100-80gb": ("NVIDIA A100 80GB", 80),
-    "h100": ("NVIDIA H100 80GB", 80),
-    "h200": ("NVIDIA H200", 141),
-}
-_ALIASES = {"a100": "a100-80gb", "a100-40": "a100-40gb", "a100-80": "a100-80gb", "v5litepod": "v5e"}
-
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def device_memory(device: str) -> tuple[str, int]:
-    """(description, bytes) of a KNOWN_DEVICES name: "h100", "v5e", "TPU v5p", "A100-40GB", ..."""
-    key = device.strip().lower().replace(" ", "-").removeprefix("tpu-").removeprefix("nvidia-")
-    key = _ALIASES.get(key, key)
-    if key not in KNOWN_DEVICES:
-        raise ValueError(f"unknown device {device!r}; known: {', '.join(KNOWN_DEVICES)}")
-    name, gib = KNOWN_DEVICES[key]
-    return name, int(gib * GIB)
 
 
 def _dtype_bytes(dtype: Any) -> int:
@@ -113,9 +96,13 @@ def _split(size: int, ways: int) -> float:
     return size / ways if size % ways == 0 else size
 
 
-def param_blocks(cfg: QwenConfig, mesh_shape: tuple[int, int, int]) -> dict[str, dict[str, Any]]:
-    """Every parameter's global shape, logical axes and per-device element count on this mesh."""
-    mesh = AbstractMesh(mesh_shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+def param_blocks(cfg: QwenConfig, mesh_shape: tuple[int, ...]) -> dict[str, dict[str, Any]]:
+    """Every parameter's global shape, logical axes and per-device element count on this mesh
+    ((data, fsdp, tensor[, expert]) sizes; expert defaults to 1)."""
+    mesh_shape = tuple(mesh_shape) + (1,) * (len(MESH_AXES) - len(mesh_shape))
+    mesh = AbstractMesh(
+        mesh_shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    )
     abstract = build_model(cfg, abstract=True)
     blocks = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
@@ -147,12 +134,16 @@ def memory_plan(
     logprob_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     logprob_chunk_mib: float = 0,
     reference: str = "model",
+    lora: LoraSettings | None = None,
+    base_dtype: Any = None,
+    base_quantization: BaseQuantization | None = None,
 ) -> dict[str, Any]:
     """Per-device bytes of params, gradients, optimiser state, reference and activations.
 
     Args:
       qwen_config: the architecture.
-      mesh_shape: (data, fsdp, tensor) sizes (no -1: resolve it first).
+      mesh_shape: (data, fsdp, tensor[, expert]) sizes (no -1: resolve it first; expert
+        defaults to 1).
       batch_size, grad_accum_steps: preference pairs per optimiser step (global) and micro-batches.
       max_length: padded sequence length T.
       param_dtype, compute_dtype: "float32" / "bfloat16" (or numpy dtypes).
@@ -161,6 +152,10 @@ def memory_plan(
       logprob_chunk_mib: the trainer's cap on one chunk's logits per device (0 = none); the
         plan uses the chunk the trainer would (flux_jax.logprobs.lm_head_chunk_size).
       reference: "model" (frozen copy on device), "precomputed" or "none" (reference-free).
+      lora: LoRA settings (None: full fine-tuning). With LoRA, "params" are the fp32 adapters,
+        the frozen base is counted under "base" in `base_dtype` (default: compute_dtype), its
+        projection kernels quantised per `base_quantization`, and "reference" is 0 (the base
+        with the adapters off); see flux_jax/lora_memory.py.
 
     Returns:
       A dict with "per_device" (bytes: params, gradients, optimizer, reference, activations,
@@ -177,6 +172,16 @@ def memory_plan(
         reference_bytes=cb if reference == "model" else 0,
         grad_accum_steps=grad_accum_steps,
     )
+    quantization = base_quantization or BaseQuantization()
+    if lora is not None:
+        per_device = lora_state_bytes(
+            blocks,
+            mesh,
+            lora,
+            base_dtype_bytes=_dtype_bytes(base_dtype or compute_dtype),
+            quantization=quantization,
+            grad_accum_steps=grad_accum_steps,
+        )
     micro = batch_size // grad_accum_steps
     rows = _rows_per_device(micro, batch_multiple(mesh), warnings)
     chunk = lm_head_chunk_size(
@@ -196,7 +201,22 @@ def memory_plan(
         remat=remat,
         chunk=chunk,
         fsdp=mesh["fsdp"],
+        frozen_head=lora is not None,
+        expert=mesh["expert"],
     )
+    if lora is not None:
+        terms.update(
+            lora_activation_terms(
+                blocks,
+                mesh,
+                lora,
+                tokens=rows * max_length,
+                layers=qwen_config.num_hidden_layers,
+                compute_bytes=cb,
+                remat=remat,
+                quantization=quantization,
+            )
+        )
     per_device["activations"] = sum(terms.values())
     per_device["total"] = sum(per_device.values())
     return {
@@ -216,6 +236,11 @@ def memory_plan(
             "logprob_chunk_size": chunk,
             "logprob_chunk_mib": logprob_chunk_mib,
             "reference": reference,
+            "lora": (
+                describe_lora(lora, quantization, _dtype_name(base_dtype or compute_dtype))
+                if lora is not None
+                else None
+            ),
         },
         "per_device": per_device,
         "activation_terms": terms,
@@ -230,12 +255,14 @@ def _check_plan_args(
     remat: str,
     reference: str,
 ) -> dict[str, int]:
-    """The mesh as {data, fsdp, tensor} sizes, after checking `memory_plan`'s arguments."""
+    """The mesh as {data, fsdp, tensor, expert} sizes, after checking `memory_plan`'s arguments
+    (a 3-tuple mesh_shape has expert = 1)."""
     if reference not in REFERENCE_MODES:
         raise ValueError(f"reference={reference!r}; valid: {', '.join(REFERENCE_MODES)}")
     if remat not in ("none", "full", "dots"):
         raise ValueError(f"remat={remat!r}; valid: none, full, dots")
     sizes = tuple(int(x) for x in mesh_shape)
+    sizes += (1,) * (len(MESH_AXES) - len(sizes))
     if min(sizes) < 1:
         raise ValueError(f"mesh_shape {mesh_shape}: sizes must be >= 1 (resolve -1 first)")
     if batch_size % grad_accum_steps:
@@ -282,9 +309,9 @@ def _rows_per_device(micro_batch: int, batch_devices: int, warnings: list[str]) 
     rows = 2 * micro_batch / batch_devices
     if (2 * micro_batch) % batch_devices or micro_batch % batch_devices:
         warnings.append(
-            f"the micro-batch of {micro_batch} pairs does not split evenly over data x fsdp = "
-            f"{batch_devices} devices (shard_batch needs batch_size / grad_accum_steps to be a "
-            "multiple of it)"
+            f"the micro-batch of {micro_batch} pairs does not split evenly over data x fsdp x "
+            f"expert = {batch_devices} devices (shard_batch needs batch_size / grad_accum_steps "
+            "to be a multiple of it)"
         )
         rows = math.ceil(2 * micro_batch / batch_devices)
     return rows
@@ -315,8 +342,12 @@ def activation_terms(
     remat: str,
     chunk: int | None,
     fsdp: int = 1,
+    frozen_head: bool = False,
+    expert: int = 1,
 ) -> dict[str, float]:
-    """The activation estimate's parts, in bytes per device (see the module docstring)."""
+    """The activation estimate's parts, in bytes per device (see the module docstring).
+    `frozen_head`: the LM head takes no gradient (LoRA), so it has no fp32 gradient carry.
+    `expert`: the mesh's expert axis (Qwen3-MoE: E / expert experts per device)."""
     c, t, T = compute_bytes, tensor, seq_len
     D, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     N, K, H, F = (
@@ -327,6 +358,18 @@ def activation_terms(
     )
     q, kv = _split(N, t) * H, _split(K, t) * H
     qkv, mlp, heads = q + 2 * kv, _split(F, t), _split(N, t)
+    mlp_weights = 3 * D * mlp
+    if cfg.is_moe:
+        # Qwen3-MoE (grouped path): a token's k routed slots are k MLPs of width F_moe; FSDP
+        # gathers the E / expert experts a device holds (plus the router). Expert parallelism
+        # all-gathers the tokens of the `expert` shards (models/qwen/expert_parallel.py), so a
+        # device's routed buffers cover `expert` x its own tokens.
+        routed = expert * cfg.num_experts_per_tok * _split(cfg.moe_intermediate_size, t)
+        local_experts = _split(cfg.num_experts, expert)
+        sparse_weights = local_experts * 3 * D * _split(cfg.moe_intermediate_size, t)
+        has_dense = not all(cfg.sparse_layers)
+        mlp = max(mlp if has_dense else 0, routed + cfg.num_experts)
+        mlp_weights = max(mlp_weights if has_dense else 0, sparse_weights + D * cfg.num_experts)
     # Bytes per token of one layer (see the module docstring); the mask is 1 byte per entry.
     per_token_none = (8 * D + qkv + 4 * q + 3 * kv + 4 * mlp + 2 * heads * T) * c + heads * T
     matmul_outputs = (D + qkv + 2 * mlp) * c  # q/k/v, o_proj, gate and up: what "dots" keeps
@@ -339,14 +382,14 @@ def activation_terms(
     # them: only the rest of a layer's working set is new.
     per_token_layer = per_token_none - (matmul_outputs if remat == "dots" else 0)
     tokens = rows * T
-    layer_weights = D * qkv + q * D + 3 * D * mlp  # one layer's matmul weights, after tensor split
+    layer_weights = D * qkv + q * D + mlp_weights  # one layer's matmul weights, after tensor split
     head_v = _split(V, t)
     positions = T if chunk is None else min(chunk, T)
     terms = {
         "saved_residuals": L * tokens * per_token_saved,
         "layer_working_set": tokens * per_token_layer,
         "gathered_weights": (2 * layer_weights * c) if fsdp > 1 else 0.0,
-        "lm_head": 2 * rows * positions * head_v * 4 + D * head_v * (c + 4),
+        "lm_head": 2 * rows * positions * head_v * 4 + D * head_v * (c + (0 if frozen_head else 4)),
         "other": tokens * D * (c + 4) + rows * T * T,
     }
     return terms
@@ -362,7 +405,8 @@ def plan_from_config(flux_config: Any, num_devices: int | None = None) -> dict[s
     cfg = resolve_architecture(flux_config.model_path)
     n = jax.device_count() if num_devices is None else int(num_devices)
     m = flux_config.mesh
-    mesh_shape = resolve_mesh_shape(m.data, m.fsdp, m.tensor, n)
+    mesh_shape = resolve_mesh_shape(m.data, m.fsdp, m.tensor, n, m.expert)
+    check_expert_mesh(cfg, mesh_shape[3])
     algo = flux_config.algorithm
     if algo.reference_free:
         reference = "none"
@@ -382,51 +426,9 @@ def plan_from_config(flux_config: Any, num_devices: int | None = None) -> dict[s
         logprob_chunk_size=flux_config.model.logprob_chunk_size or None,
         logprob_chunk_mib=flux_config.model.logprob_chunk_mib,
         reference=reference,
+        lora=LoraSettings.from_config(flux_config.model.lora),
+        base_dtype=flux_config.model.lora.base_dtype or flux_config.model.compute_dtype,
+        base_quantization=BaseQuantization.from_config(flux_config.model.lora),
     )
     plan["model"]["model_path"] = flux_config.model_path
     return plan
-
-
-def fits(plan: dict[str, Any], device_memory_bytes: float) -> bool:
-    """Whether the plan's total leaves USABLE_FRACTION of the device's memory unused by it."""
-    return plan["per_device"]["total"] <= USABLE_FRACTION * device_memory_bytes
-
-
-def format_memory_plan(
-    plan: dict[str, Any], device_memory_gb: float | None = None, *, device: str | None = None
-) -> str:
-    """The plan as a table, with a fits verdict for `device` (a KNOWN_DEVICES name) or for
-    `device_memory_gb` GiB per device."""
-    m, b, s, per = plan["model"], plan["batch"], plan["settings"], plan["per_device"]
-    mesh = plan["mesh"]
-    lines = [
-        f"model: {m.get('model_path', m['model_type'])} ({m['num_params'] / 1e9:.3f}B params, "
-        f"{m['layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}"
-        f"{', tied' if m['tied_embeddings'] else ''})",
-        f"mesh: data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']} "
-        f"({mesh['devices']} devices)",
-        f"batch: {b['batch_size']} pairs/step, {b['grad_accum_steps']} micro-batch(es) of "
-        f"{b['micro_batch']}; {b['rows_per_device']:g} rows x {b['max_length']} tokens per device",
-        f"dtypes: params {s['param_dtype']}, compute {s['compute_dtype']}; remat {s['remat']}; "
-        f"logprob chunk {s['logprob_chunk_size']}; reference {s['reference']}",
-        "per device:",
-    ]
-    for key in ("params", "gradients", "optimizer", "reference", "activations"):
-        lines.append(f"  {key:<12} {format_bytes(per[key]):>12}")
-    for key, value in plan["activation_terms"].items():
-        lines.append(f"    {key:<22} {format_bytes(value):>12}")
-    lines.append(f"  {'total':<12} {format_bytes(per['total']):>12}")
-    memory = None
-    if device is not None:
-        name, memory = device_memory(device)
-    elif device_memory_gb is not None:
-        name, memory = f"{device_memory_gb:g} GiB device", device_memory_gb * GIB
-    if memory is not None:
-        verdict = "fits" if fits(plan, memory) else "does NOT fit"
-        lines.append(
-            f"{name}: {format_bytes(memory)} per device -> {verdict} "
-            f"({per['total'] / memory:.0%} of memory; limit {USABLE_FRACTION:.0%})"
-        )
-    for warning in plan["warnings"]:
-        lines.append(f"warning: {warning}")
-    return "\n".join(lines)

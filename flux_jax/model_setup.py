@@ -27,6 +27,7 @@ from flux_jax.model_source import resolve_model_dir
 from flux_jax.models.qwen.config import QwenConfig
 from flux_jax.models.qwen.model import QwenForCausalLM, build_model
 from flux_jax.models.qwen.presets import BUILTIN_PREFIX, PRESETS
+from flux_jax.quantization import BaseQuantization, quantize_base
 from flux_jax.sharding import batch_sharding, logical_sharding, state_shardings
 
 
@@ -41,16 +42,28 @@ class ModelOptions:
     seed: int = 0
     # Shared-prefix / packed rows need the branch mask, which the splash kernel cannot express.
     branch_masks: bool = False
+    moe_impl: str = "auto"  # Qwen3-MoE experts: dense, grouped or auto (models/qwen/moe.py)
+    # QLoRA: the frozen base's projections as int8 / NF4 codes (flux_jax/quantization.py).
+    base_quantization: BaseQuantization = BaseQuantization()
 
     @classmethod
     def from_config(cls, config: Any) -> ModelOptions:
+        """The options of a config. With LoRA the model's parameters are the frozen base, stored
+        in model.lora.base_dtype ('' = the compute dtype: bf16 halves its memory)."""
+        param_dtype = config.model.param_dtype
+        quantization = BaseQuantization()
+        if config.model.lora.rank:
+            param_dtype = config.model.lora.base_dtype or config.model.compute_dtype
+            quantization = BaseQuantization.from_config(config.model.lora)
         return cls(
-            param_dtype=config.model.param_dtype,
+            param_dtype=param_dtype,
             compute_dtype=config.model.compute_dtype,
             remat=config.model.remat,
             attention=config.model.attention,
             seed=config.seed,
             branch_masks=bool(config.model.prefix_sharing or config.model.packing),
+            moe_impl=config.model.moe_impl,
+            base_quantization=quantization,
         )
 
     @property
@@ -101,7 +114,23 @@ def param_shardings(model: QwenForCausalLM, mesh: Mesh) -> dict:
 
 
 def load_model(model_path: str, options: ModelOptions, mesh: Mesh | None) -> QwenForCausalLM:
-    """The policy model, its parameters on their shardings over `mesh` (if given)."""
+    """The policy model, its parameters on their shardings over `mesh` (if given).
+
+    With `options.base_quantization` (a QLoRA base) the projection kernels are then replaced by
+    their quantised codes and scales, sharded like them, one kernel at a time (the dense kernel
+    is freed as soon as its codes exist).
+    """
+    model = _load_dense_model(model_path, options, mesh)
+    if not options.base_quantization.enabled:
+        return model
+    graphdef, params = split_model(model)
+    del model
+    return nnx.merge(
+        graphdef, quantize_base(params, options.base_quantization, delete_originals=True)
+    )
+
+
+def _load_dense_model(model_path: str, options: ModelOptions, mesh: Mesh | None) -> QwenForCausalLM:
     param_dtype = as_dtype(options.param_dtype)
     compute_dtype = as_dtype(options.compute_dtype)
     if not is_builtin(model_path):
@@ -112,6 +141,7 @@ def load_model(model_path: str, options: ModelOptions, mesh: Mesh | None) -> Qwe
             mesh=mesh,
             remat=options.remat,
             attention_impl=options.attention_impl,
+            moe_impl=options.moe_impl,
         )
 
     def make() -> QwenForCausalLM:
@@ -123,6 +153,7 @@ def load_model(model_path: str, options: ModelOptions, mesh: Mesh | None) -> Qwe
             remat=options.remat,
             attention_impl=options.attention_impl,
             activation_sharding=batch_sharding(mesh) if mesh is not None else None,
+            moe_impl=options.moe_impl,
         )
 
     abstract = nnx.eval_shape(make)
@@ -204,11 +235,25 @@ def _architecture_of(params: Any) -> QwenConfig:
         attn = params["layers"]["self_attn"]
         layers, _, heads, head_dim = attn["q_proj"]["kernel"].shape
         kv_heads = attn["k_proj"]["kernel"].shape[2]
-        mlp = params["layers"]["mlp"]["gate_proj"]["kernel"].shape[2]
+        dense_layers, mlp = 0, 1
+        if "mlp" in params["layers"]:
+            dense_layers, _, mlp = params["layers"]["mlp"]["gate_proj"]["kernel"].shape
+        moe_fields = {}
+        if "moe" in params["layers"]:
+            # Qwen3-MoE: only the counts of dense and sparse layers show in the shapes, so the
+            # dense ones are put first; the axes and shapes are what callers use this for.
+            _, experts, _, moe_mlp = params["layers"]["moe"]["experts"]["gate_proj"]["kernel"].shape
+            moe_fields = dict(
+                model_type="qwen3_moe",
+                num_experts=experts,
+                num_experts_per_tok=1,
+                moe_intermediate_size=moe_mlp,
+                mlp_only_layers=tuple(range(dense_layers)),
+            )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"not a Qwen parameter dict (as from nnx.to_pure_dict): {e!r}") from e
     return QwenConfig(
-        model_type="qwen2" if "bias" in attn["q_proj"] else "qwen3",
+        **{"model_type": "qwen2" if "bias" in attn["q_proj"] else "qwen3", **moe_fields},
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=mlp,

@@ -6,9 +6,10 @@ decoupled and scaled by the learning rate (`p -= lr * (adam_update + weight_deca
 PyTorch's AdamW.
 
 Weight-decay rule: a leaf is decayed iff the last element of its path is `kernel` or `embedding`
-(matmul weights, the token embedding and an untied `lm_head`). Norm scales (`.../scale`) and biases
-(`.../bias`) are never decayed: shrinking a norm scale towards 0 or a bias towards 0 is not a
-sensible prior, and it is the usual convention for transformer fine-tuning.
+(matmul weights, the token embedding and an untied `lm_head`), or `lora_a` / `lora_b` (LoRA
+adapter matrices, decayed as the HF Trainer decays PEFT's lora_A/lora_B). Norm scales
+(`.../scale`) and biases (`.../bias`) are never decayed: shrinking a norm scale towards 0 or a
+bias towards 0 is not a sensible prior, and it is the usual convention for transformer fine-tuning.
 
 Gradient accumulation is not part of the chain: the train step averages micro-batch gradients
 itself (`flux_jax.grad_accum`), so one optimiser update is one train step.
@@ -18,15 +19,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+if TYPE_CHECKING:
+    from flux_jax.config import FluxConfig
+
 SCHEDULES = ("constant", "cosine", "linear")
-DECAYED_PARAM_NAMES = frozenset({"kernel", "embedding"})
+DECAYED_PARAM_NAMES = frozenset({"kernel", "embedding", "lora_a", "lora_b"})
 
 
 def make_schedule(
@@ -113,39 +117,29 @@ def weight_decay_mask(params: Any) -> Any:
 
 def make_optimizer(
     *,
-    learning_rate: float,
-    num_steps: int,
-    warmup_steps: int = 0,
-    schedule: str = "constant",
-    min_lr_ratio: float = 0.0,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
+    **schedule_args: Any,
 ) -> optax.GradientTransformation:
-    """AdamW with the `make_schedule` learning rate, global-norm clipping and the decay mask.
+    """AdamW with the `make_schedule(**schedule_args)` learning rate, clipping and the decay mask.
 
-    `max_grad_norm` of None or 0 disables clipping. The learning rate for logging is
-    `current_learning_rate(make_schedule(...same args...), step)`.
+    `schedule_args` are make_schedule's (learning_rate, num_steps, warmup_steps, schedule,
+    min_lr_ratio). `max_grad_norm` of None or 0 disables clipping. The learning rate for logging
+    is `current_learning_rate(make_schedule(**schedule_args), step)`.
     """
     if max_grad_norm is not None and max_grad_norm < 0:
         raise ValueError(f"max_grad_norm must be >= 0 or None, got {max_grad_norm}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    lr_schedule = make_schedule(
-        learning_rate=learning_rate,
-        num_steps=num_steps,
-        warmup_steps=warmup_steps,
-        schedule=schedule,
-        min_lr_ratio=min_lr_ratio,
-    )
     transforms = []
     if max_grad_norm:
         transforms.append(optax.clip_by_global_norm(max_grad_norm))
     transforms.append(
         optax.adamw(
-            learning_rate=lr_schedule,
+            learning_rate=make_schedule(**schedule_args),
             b1=b1,
             b2=b2,
             eps=eps,
@@ -154,3 +148,25 @@ def make_optimizer(
         )
     )
     return optax.chain(*transforms)
+
+
+def from_config(config: FluxConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax chain of a run's config (`learning_rate`, `num_steps`, `optimizer.*`) and its
+    learning-rate schedule (for logging)."""
+    opt = config.optimizer
+    schedule_args = dict(
+        learning_rate=config.learning_rate,
+        num_steps=config.num_steps,
+        warmup_steps=opt.warmup_steps,
+        schedule=opt.schedule,
+        min_lr_ratio=opt.min_lr_ratio,
+    )
+    tx = make_optimizer(
+        b1=opt.b1,
+        b2=opt.b2,
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        max_grad_norm=opt.max_grad_norm or None,
+        **schedule_args,
+    )
+    return tx, make_schedule(**schedule_args)

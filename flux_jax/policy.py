@@ -9,6 +9,10 @@ A Policy is the graphdef, the parameters, the tokenizer, the mesh and the run's 
 builds a trainer. A checkpoint's policy needs only the checkpoint and its run's model_assets (the
 saved config and tokenizer); the base weights are loaded only where they are the point (`eval`'s
 reference, `generate --compare-base`), after a clear error if they are gone.
+
+A LoRA policy is the frozen base (`params`) plus its adapters (`adapters`, `lora`): a LoRA
+checkpoint holds only the adapters, so loading one loads its base (checked against the
+fingerprint the checkpoint recorded), and generate / eval / export run on the merged weights.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from flux_jax import logprobs, train_batches, train_data
 from flux_jax.config import FluxConfig
 from flux_jax.data.pipeline import pad_token_id
 from flux_jax.dpo import DPOSettings
+from flux_jax.lora import LoraSettings, adapter_shapes, merge
 from flux_jax.models.qwen.config import QwenConfig
 from flux_jax.models.qwen.model import QwenForCausalLM
 
@@ -39,7 +44,9 @@ class Policy:
 
     `tokenizer_source`: where `export` copies tokenizer files from (a run's model_assets, an HF
     directory or hub id, or a "builtin:" name). `checkpoint`: the checkpoint it was loaded from,
-    if any, named in errors about its base model.
+    if any, named in errors about its base model. With LoRA, `params` is the frozen base and
+    `adapters` (with its `lora` settings) what was trained on it; `trainable` is whichever of the
+    two a training state holds.
     """
 
     graphdef: nnx.GraphDef
@@ -50,6 +57,8 @@ class Policy:
     model_config: QwenConfig
     tokenizer_source: str
     checkpoint: str | None = None
+    adapters: PyTree | None = None
+    lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
         if len(self.tokenizer) > self.model_config.vocab_size:
@@ -81,14 +90,20 @@ class Policy:
         )
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, *, single_device: bool = False) -> Policy:
+    def from_checkpoint(
+        cls, checkpoint: str, *, single_device: bool = False, base_model: str | None = None
+    ) -> Policy:
         """The policy saved in `checkpoint` (`output_dir/best` or a step directory).
 
         Built from the config and model_assets the run saved, so neither the base weights nor
-        the original model_path are needed. The parameters go on the run's mesh, or with
+        the original model_path are needed -- except for a LoRA checkpoint, whose adapters are
+        loaded on top of the base at model_path (or `base_model`, if it moved), checked against
+        the fingerprint the run recorded. The parameters go on the run's mesh, or with
         `single_device` on one device (export: any machine can write the HF files).
         """
-        from flux_jax.checkpoint import load_params, model_assets_dir, read_metadata
+        from flux_jax.adapter_checkpoint import saved_settings
+        from flux_jax.best_checkpoint import load_params
+        from flux_jax.checkpoint import model_assets_dir, read_metadata
         from flux_jax.distributed import initialize_distributed
         from flux_jax.hf_io import as_dtype
         from flux_jax.model_setup import ModelOptions, load_tokenizer, param_shardings
@@ -101,6 +116,8 @@ class Policy:
         config = FluxConfig.from_dict(meta["flux_config"])
         initialize_distributed()
         mesh = None if single_device else mesh_from_config(config.mesh)
+        if saved_settings(meta) is not None:
+            return cls._from_adapter_checkpoint(checkpoint, meta, config, mesh, base_model)
         options = ModelOptions.from_config(config)
         model_config = QwenConfig.from_hf_config(meta["hf_config"])
         abstract = build_model(
@@ -137,13 +154,76 @@ class Policy:
             checkpoint=checkpoint,
         )
 
+    @classmethod
+    def _from_adapter_checkpoint(
+        cls,
+        checkpoint: str,
+        meta: dict[str, Any],
+        config: FluxConfig,
+        mesh: Mesh | None,
+        base_model: str | None,
+    ) -> Policy:
+        """A LoRA checkpoint's policy: its base loaded (and fingerprint-checked), then its
+        adapters on the base's layout."""
+        from flux_jax.adapter_checkpoint import BaseModel, check_matches, saved_settings
+        from flux_jax.best_checkpoint import load_params
+        from flux_jax.checkpoint import model_assets_dir
+        from flux_jax.model_setup import ModelOptions, load_model, load_tokenizer
+
+        settings = saved_settings(meta)
+        model_path = base_model or config.model_path
+        require_base_model(model_path, checkpoint, "loading its LoRA adapters")
+        base = BaseModel.of(model_path, config.seed, config.model.lora)
+        check_matches(meta, checkpoint, settings=settings, base=base, action="load")
+        model = load_model(model_path, ModelOptions.from_config(config), mesh)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(
+            lambda s: s.update(sharding=s.sharding or device),
+            adapter_shapes(nnx.to_pure_dict(nnx.state(model)), settings),
+        )
+        tokenizer_source = (
+            model_assets_dir(checkpoint, meta) or config.tokenizer_path or config.model_path
+        )
+        policy = cls.from_model(model, load_tokenizer(tokenizer_source), mesh, config)
+        return dataclasses.replace(
+            policy,
+            tokenizer_source=tokenizer_source,
+            checkpoint=checkpoint,
+            adapters=load_params(checkpoint, target),
+            lora=settings,
+        )
+
     def with_params(self, params: PyTree) -> Policy:
-        """The same policy with other parameters (a training state's, the base model's)."""
-        return dataclasses.replace(self, params=params)
+        """The same policy with other parameters (a training state's, the base model's);
+        adapters are dropped (the base model's policy)."""
+        return dataclasses.replace(self, params=params, adapters=None, lora=None)
+
+    def with_adapters(self, adapters: PyTree, settings: LoraSettings) -> Policy:
+        """This policy's parameters as the frozen base, with LoRA adapters on top."""
+        return dataclasses.replace(self, adapters=adapters, lora=settings)
+
+    @property
+    def trainable(self) -> PyTree:
+        """What training updates: the adapters of a LoRA policy, else the parameters."""
+        return self.adapters if self.lora is not None else self.params
+
+    def with_trainable(self, trainable: PyTree) -> Policy:
+        """The same policy with other trained values (adapters, or parameters)."""
+        if self.lora is not None:
+            return dataclasses.replace(self, adapters=trainable)
+        return dataclasses.replace(self, params=trainable)
+
+    def serving_params(self) -> PyTree:
+        """The weights generate / eval / export run on: the base with the adapters merged in
+        (a new copy of the targeted kernels), or the parameters."""
+        if self.lora is None:
+            return self.params
+        return merge(self.params, self.adapters, self.lora)
 
     @property
     def model(self) -> QwenForCausalLM:
-        return nnx.merge(self.graphdef, self.params)
+        """The model on `serving_params()` (for LoRA: merges on every access)."""
+        return nnx.merge(self.graphdef, self.serving_params())
 
     def dpo_settings(self) -> DPOSettings:
         """The DPO settings of the config, with the LM-head chunk the run uses
@@ -174,12 +254,17 @@ class Policy:
         from flux_jax.distributed import is_main_process
         from flux_jax.hf_io import save_pretrained
         from flux_jax.model_setup import is_builtin, resolve_model_dir
+        from flux_jax.quantization import dequantize_base
 
         source = (
             None if is_builtin(self.tokenizer_source) else resolve_model_dir(self.tokenizer_source)
         )
+        # A QLoRA base's kernels are written dequantised (the ones the adapters were merged into
+        # and the others): the merged weights carry the base's quantisation error, as PEFT's
+        # merge_and_unload of a 4-bit model does.
+        model = nnx.merge(self.graphdef, dequantize_base(self.serving_params()))
         out = save_pretrained(
-            self.model, out_dir, tokenizer_from=source, dtype=dtype, max_shard_size=max_shard_size
+            model, out_dir, tokenizer_from=source, dtype=dtype, max_shard_size=max_shard_size
         )
         if source is None and is_main_process():  # a builtin tokenizer has no files to copy
             self.tokenizer.save_pretrained(out_dir)
@@ -197,7 +282,7 @@ class Policy:
             examples = examples[: self.config.eval.max_batches * batch_size]
         return evaluate_examples(
             self.graphdef,
-            self.params,
+            self.serving_params(),
             reference,
             examples,
             pad_id=pad_token_id(self.tokenizer),
@@ -229,6 +314,8 @@ class Policy:
         """
         from flux_jax.model_setup import ModelOptions, load_model
 
+        if self.lora is not None:
+            return self.params  # the frozen base (from `base_model`, if given, at load)
         model_path = base_model or self.config.model_path
         if self.checkpoint is not None:
             require_base_model(model_path, self.checkpoint, purpose)

@@ -1,10 +1,10 @@
 """Preference metrics of a policy on held-out pairs: reward accuracy, margin, rewards, DPO loss.
 
 Every pair of the file counts exactly once. Pairs are scored in fixed-size batches with the DPO
-step's own function (`train_step.paired_token_logprobs`, jitted); the last partial batch is filled
-with copies of its last pair so it has the same shape, and the copies are dropped on the host.
-The summed log-probs of all pairs are then passed to `dpo.dpo_loss` in one call, so the metrics
-are means over all pairs: the same numbers as one batch holding the whole set.
+step's own function (`batch_logprobs.paired_token_logprobs`, jitted); the last partial batch
+is filled with copies of its last pair so it has the same shape, and the copies are dropped on
+the host. The summed log-probs of all pairs are then passed to `dpo.dpo_loss` in one call, so
+the metrics are means over all pairs: the same numbers as one batch holding the whole set.
 
     metrics = evaluate_preferences(policy, ref, tokenizer, "heldout.jsonl", data_format=...,
                                    max_length=1024, max_prompt_length=512, batch_size=8,
@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerBase
 
-from flux_jax import dpo, logprobs, train_step
+from flux_jax import batch_logprobs, dpo, logprobs
 from flux_jax.data import (
     BATCH_KEYS,
     SCORED_POSITION_KEYS,
@@ -38,9 +38,10 @@ from flux_jax.data import (
 from flux_jax.data.pipeline import pad_token_id
 from flux_jax.data.tokenization import PreferenceExample
 from flux_jax.dpo import DPOSettings
+from flux_jax.losses import reweighting
 from flux_jax.model_setup import split_model
 from flux_jax.models.qwen.model import QwenForCausalLM
-from flux_jax.sharding import shard_batch, to_host
+from flux_jax.sharding import batch_multiple, shard_batch, to_host
 
 # In the order the table shows them; dpo_loss's metrics plus the pair count.
 EVAL_METRICS = (
@@ -54,23 +55,34 @@ EVAL_METRICS = (
 )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "wpo"))
 def pair_logps(
-    graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array], chunk_size: int | None
+    graphdef: nnx.GraphDef,
+    params: Any,
+    batch: dict[str, jax.Array],
+    chunk_size: int | None,
+    wpo: bool = False,
 ) -> dict[str, jax.Array]:
-    """Summed response log-probs and response token counts [B] of each side of each pair."""
-    token_logps_NxT, mask_NxT = train_step.paired_token_logprobs(
-        graphdef, params, batch, chunk_size
+    """Summed response log-probs and response token counts [B] of each side of each pair; with
+    `wpo` (algorithm.use_weighting) also each side's WPO log-weight."""
+    token_logps_NxT, mask_NxT, *stats = batch_logprobs.paired_token_logprobs(
+        graphdef, params, batch, chunk_size, stats=("log_sum_sq_probs",) if wpo else ()
     )
     batch_size = token_logps_NxT.shape[0] // 2
     logps_N = token_logps_NxT.sum(axis=-1)
     counts_N = logprobs.token_counts(mask_NxT)
-    return {
+    out = {
         "chosen_logps": logps_N[:batch_size],
         "rejected_logps": logps_N[batch_size:],
         "chosen_counts": counts_N[:batch_size],
         "rejected_counts": counts_N[batch_size:],
     }
+    if wpo:
+        log_w_N = reweighting.wpo_log_weights(
+            token_logps_NxT, stats[0]["log_sum_sq_probs"], mask_NxT
+        )
+        out["chosen_wpo"], out["rejected_wpo"] = log_w_N[:batch_size], log_w_N[batch_size:]
+    return out
 
 
 def _score_all(
@@ -79,11 +91,12 @@ def _score_all(
     batches: list[tuple[dict[str, np.ndarray], int]],
     chunk_size: int | None,
     mesh: Mesh | None,
+    wpo: bool = False,
 ) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {}
     for batch, real in batches:
         placed = shard_batch(batch, mesh, same_on_every_process=True)
-        out = jax.tree.map(to_host, pair_logps(graphdef, params, placed, chunk_size))
+        out = jax.tree.map(to_host, pair_logps(graphdef, params, placed, chunk_size, wpo))
         for name, value in out.items():
             parts.setdefault(name, []).append(np.asarray(value)[:real])
     return {name: np.concatenate(values) for name, values in parts.items()}
@@ -115,10 +128,10 @@ def evaluate_examples(
         raise ValueError("reference_free=False needs a reference model")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if mesh is not None and batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    if mesh is not None and batch_size % batch_multiple(mesh):
         raise ValueError(
             f"batch_size={batch_size} does not divide over the mesh's data x fsdp = "
-            f"{mesh.shape['data'] * mesh.shape['fsdp']} devices"
+            f"{batch_multiple(mesh)} devices"
         )
     if not examples:
         raise ValueError("no preference pairs to evaluate")
@@ -132,7 +145,7 @@ def evaluate_examples(
         batches.append(({key: collated[key] for key in keys}, real))
 
     chunk_size = settings.logprob_chunk_size
-    policy = _score_all(graphdef, params, batches, chunk_size, mesh)
+    policy = _score_all(graphdef, params, batches, chunk_size, mesh, settings.use_weighting)
     if ref_params is not None:
         ref = _score_all(graphdef, ref_params, batches, chunk_size, mesh)
         ref_chosen, ref_rejected = ref["chosen_logps"], ref["rejected_logps"]
@@ -141,15 +154,20 @@ def evaluate_examples(
         ref_chosen, ref_rejected = ref_Nx2[:, 0], ref_Nx2[:, 1]
     else:
         ref_chosen = ref_rejected = np.zeros_like(policy["chosen_logps"])
-    _, metrics = dpo.dpo_loss_for(
-        settings,
+    pair = dpo.PairLogps(
         policy["chosen_logps"],
         policy["rejected_logps"],
         ref_chosen,
         ref_rejected,
-        chosen_token_counts=policy["chosen_counts"],
-        rejected_token_counts=policy["rejected_counts"],
+        chosen_counts=policy["chosen_counts"],
+        rejected_counts=policy["rejected_counts"],
+        wpo_log_weights=(
+            np.concatenate([policy["chosen_wpo"], policy["rejected_wpo"]])
+            if settings.use_weighting
+            else None
+        ),
     )
+    _, metrics = dpo.preference_loss(settings, pair)  # the loss without the regularisers
     result: dict[str, float] = {name: float(metrics[name]) for name in EVAL_METRICS}
     result["num_pairs"] = len(examples)
     return result
@@ -167,10 +185,12 @@ def evaluate_preferences(
     batch_size: int,
     settings: DPOSettings,
     mesh: Mesh | None = None,
+    tokenization: str = "separate",
 ) -> dict[str, float]:
     """DPO metrics of `policy_model` against `ref_model` over every pair at `data_path`.
 
-    Pairs are read and truncated as for training (`load_preference_examples`). `ref_model` may be
+    Pairs are read, tokenised (`tokenization`: data.tokenization) and truncated as for training
+    (`load_preference_examples`). `ref_model` may be
     None only with `settings.reference_free`; the rewards are then `beta * policy log-probs`, as in
     training. With a mesh, `batch_size` must divide over its data x fsdp devices.
 
@@ -185,6 +205,7 @@ def evaluate_preferences(
         data_format=data_format,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
+        tokenization=tokenization,
     )
     if not examples:
         raise ValueError(f"{data_path}: no preference pairs to evaluate")

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -41,6 +42,7 @@ from flux_jax.data.batching import (
     geometric_bucket_lengths,
 )
 from flux_jax.data.pipeline import batch_index_dataset, preference_batches
+from flux_jax.data.token_store import TokenStore
 from flux_jax.data.tokenization import PreferenceExample
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,10 @@ class BatchPlan:
 
 
 def token_counts(examples: Sequence[PreferenceExample]) -> np.ndarray:
-    """[N, 3] int32: prompt, chosen and rejected tokens of each pair (eos included)."""
+    """[N, 3] int32: prompt, chosen and rejected tokens of each pair (eos included); a token
+    store's come from its index, without reading a token."""
+    if isinstance(examples, TokenStore):
+        return examples.token_counts
     counts = [(len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
     return np.asarray(counts, dtype=np.int32).reshape(-1, 3)
 
@@ -180,6 +185,16 @@ def training_batches(
         window_batches=plan.window_batches,
         batch_width=None if plan.process_count == 1 else AgreedWidths(plan, counts),
     )
+
+
+def one_process_batches(
+    config: Any, examples: Sequence[PreferenceExample], *, pad_id: int, batch_multiple: int = 1
+) -> tuple[BatchPlan, grain.MapDataset]:
+    """The plan and batches of a one-process run over `examples` (data x fsdp = batch_multiple
+    devices): the trainer's batches rebuilt on the side, for tools that count tokens and shapes."""
+    counts = [token_counts(examples)]
+    plan = batch_plan(config, batch_multiple=batch_multiple, counts=counts)
+    return plan, training_batches(examples, plan, pad_id=pad_id, counts=counts)
 
 
 class AgreedWidths:

@@ -26,6 +26,7 @@ from flux_jax import ref_logps, train_batches
 from flux_jax import train_step as ts
 from flux_jax.data import load_preference_examples
 from flux_jax.data.pipeline import pad_token_id
+from flux_jax.data.token_cache import load_cached_examples
 from flux_jax.data.tokenization import PreferenceExample
 from flux_jax.model_setup import is_builtin, resolve_model_dir
 from flux_jax.sharding import batch_multiple, shard_batch, to_host
@@ -87,13 +88,12 @@ def load_examples(
     data_format: str,
     *,
     shard: bool = False,
-) -> tuple[list[PreferenceExample], Any]:
+) -> tuple[Sequence[PreferenceExample], Any]:
     """The pairs at `path`, tokenised and truncated by config.data; with `shard`, only this
-    process's share. Returns (examples, LoadStats)."""
+    process's share. Returns (examples, DataStats). With data.token_cache the examples are a
+    memory-mapped TokenStore (flux_jax.data.token_cache), else a list tokenised in memory."""
     data = config.data
-    return load_preference_examples(
-        path,
-        tokenizer,
+    options = dict(
         data_format=data_format,
         max_length=data.max_length,
         max_prompt_length=data.max_prompt_length,
@@ -102,7 +102,18 @@ def load_examples(
         max_record_bytes=data.max_record_bytes,
         process_index=jax.process_index() if shard else 0,
         process_count=jax.process_count() if shard else 1,
+        columns=data.columns.to_dict(),
+        tokenization=data.tokenization,
     )
+    if data.token_cache:
+        return load_cached_examples(
+            path,
+            tokenizer,
+            cache_dir=data.token_cache_dir,
+            workers=data.tokenize_workers,
+            **options,
+        )
+    return load_preference_examples(path, tokenizer, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +172,15 @@ def _ref_logps_adder(
         "tokenizer": tokenizer.name_or_path,
         "vocab": len(tokenizer),
     }
+    if any(config.data.columns.to_dict().values()):  # (absent by default: older keys still hit)
+        settings["columns"] = config.data.columns.to_dict()
+    if config.data.tokenization != "separate":  # other token ids (the default keeps old keys)
+        settings["tokenization"] = config.data.tokenization
+    lora = config.model.lora
+    if lora.rank and lora.base_quantization != "none":
+        # A QLoRA run's reference is its quantised base: other numbers than the checkpoint's
+        # (keys of unquantised runs are unchanged).
+        settings["base_quantization"] = f"{lora.base_quantization}/{lora.quantization_block}"
     step = ts.make_ref_logps_step(reference.graphdef, reference.chunk_size)
     single_process = jax.process_count() == 1
     local_batch = max(1, config.eval.batch_size // jax.process_count())

@@ -6,6 +6,14 @@ log-probs precomputed into the batch, or nothing (reference_free). Gradients are
 micro-batches inside the step, then optax updates the fp32 master weights. The state is donated, so
 parameters and optimiser state are updated in place on the device.
 
+With LoRA (flux_jax.lora) the state's `params` are the adapters only, so gradients and optimiser
+state exist for them alone; the frozen base is an argument of the step (neither donated nor
+differentiated), and the online reference is that same base with the adapters off.
+
+Qwen3-MoE: the policy forward (never the reference's) also returns its router logits, and
+`router_aux_loss_coef` times their load-balancing loss (flux_jax.models.qwen.moe) is added to the
+objective; the metric `router_aux_loss` reports the loss before the coefficient.
+
 Batches are dicts of arrays (see flux_jax.data): `{chosen,rejected}_{input_ids,loss_mask,
 segment_ids,positions}` [B, T], optionally `ref_{chosen,rejected}_logps` [B]; or the shared-prefix
 / packed layout of flux_jax.data.packing (recognised by its `branch_ids`): R rows holding S pairs
@@ -22,9 +30,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flux_jax import dpo, logprobs
+from flux_jax import batch_logprobs, dpo
 from flux_jax.dpo import DPOSettings  # the step's settings; importable from here too
 from flux_jax.grad_accum import accumulate_gradients, split_microbatches
+from flux_jax.lora import ActiveAdapters, LoraSettings
+from flux_jax.losses import reweighting
 
 # Re-exported for callers not yet switched to their homes (trainer.py, commands.py,
 # preference_eval.py): model_setup.split_model, sharding.shard_batch, sharding.state_shardings_of.
@@ -32,137 +42,61 @@ from flux_jax.model_setup import split_model  # noqa: F401
 from flux_jax.sharding import opt_state_shardings, replicated_like, shard_batch, state_shardings_of  # noqa: F401
 
 PyTree = Any
-SEQUENCE_FIELDS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
-def init_train_state(params: PyTree, tx: optax.GradientTransformation) -> dict[str, Any]:
-    """{"step", "params", "opt_state"}; the optimiser state inherits the parameters' shardings."""
+def init_train_state(
+    params: PyTree, tx: optax.GradientTransformation, loss_state: PyTree | None = None
+) -> dict[str, Any]:
+    """{"step", "params", "opt_state"}, plus "loss_state" when given (`dpo.initial_loss_state`:
+    BCO's running mean, checkpointed with the rest); the optimiser state inherits the
+    parameters' shardings."""
     opt_shardings = opt_state_shardings(tx, params)  # None unless params lie on a mesh
     step = jnp.zeros((), jnp.int32)
     if opt_shardings is not None:
         step = jax.device_put(step, replicated_like(params))
-    return {
+    state = {
         "step": step,
         "params": params,
         "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
     }
+    if loss_state is not None:  # replicated, like `step`
+        state["loss_state"] = jax.tree.map(lambda x: jax.device_put(x, step.sharding), loss_state)
+    return state
 
 
-def _paired_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Chosen rows then rejected rows, [2B, T], for one forward pass."""
+def _wpo_log_weights(
+    policy_tok_NxT: jax.Array,
+    head_stats: dict[str, jax.Array],
+    batch: dict[str, jax.Array],
+    counts_c: jax.Array,
+    counts_r: jax.Array,
+) -> jax.Array | None:
+    """WPO's log-weights [2B] (chosen pairs first) when `log_sum_sq_probs` was computed, else None:
+    per response the mean over its tokens of `logp_t - log sum_v p_v^2` (flux_jax.losses.
+    reweighting), from per-pair sums, so the shared-prefix / packed layouts work too."""
+    if "log_sum_sq_probs" not in head_stats:
+        return None
+    aligned_c, aligned_r = batch_logprobs.pair_sums(
+        policy_tok_NxT - head_stats["log_sum_sq_probs"], batch
+    )
+    return reweighting.wpo_pair_log_weights(aligned_c, aligned_r, counts_c, counts_r)
+
+
+def _logits_metrics(
+    head_stats: dict[str, jax.Array],
+    batch: dict[str, jax.Array],
+    counts_c: jax.Array,
+    counts_r: jax.Array,
+) -> dict[str, jax.Array]:
+    """TRL's `logits/chosen`, `logits/rejected`: the mean over the batch's chosen (rejected)
+    response tokens of each token's mean logit over the vocabulary; {} when not computed."""
+    if "mean_logits" not in head_stats:
+        return {}
+    sums_c, sums_r = batch_logprobs.pair_sums(head_stats["mean_logits"], batch)
     return {
-        name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
-        for name in SEQUENCE_FIELDS
+        "logits/chosen": sums_c.sum() / jnp.maximum(counts_c.sum(), 1),
+        "logits/rejected": sums_r.sum() / jnp.maximum(counts_r.sum(), 1),
     }
-
-
-def paired_token_logprobs(
-    graphdef: nnx.GraphDef, params: PyTree, batch: dict[str, jax.Array], chunk_size: int | None
-) -> tuple[jax.Array, jax.Array]:
-    """Per-token response log-probs [2B, T] (chosen rows first) and the paired loss mask."""
-    model = nnx.merge(graphdef, params)
-    paired = _paired_inputs(batch)
-    scored_NxW = None
-    if "chosen_scored_positions" in batch:
-        scored_NxW = jnp.concatenate(
-            [batch["chosen_scored_positions"], batch["rejected_scored_positions"]], axis=0
-        )
-    hidden_NxTxD = model(
-        paired["input_ids"],
-        paired["positions"],
-        segment_ids_BxT=paired["segment_ids"],
-        return_hidden=True,
-    )
-    token_logps_NxT = logprobs.token_logprobs(
-        hidden_NxTxD,
-        model.lm_head_weight(),  # fp32 master copy: chunk gradients accumulate in its dtype
-        paired["input_ids"],
-        paired["loss_mask"],
-        chunk_size=chunk_size,
-        compute_dtype=model.compute_dtype,
-        scored_positions_BxW=scored_NxW,
-    )
-    return token_logps_NxT, paired["loss_mask"]
-
-
-def is_shared_prefix(batch: dict[str, jax.Array]) -> bool:
-    """Whether `batch` is in the shared-prefix / packed layout (flux_jax.data.packing)."""
-    return "branch_ids" in batch
-
-
-def shared_prefix_token_logprobs(
-    graphdef: nnx.GraphDef, params: PyTree, batch: dict[str, jax.Array], chunk_size: int | None
-) -> jax.Array:
-    """Per-token response log-probs [R, T] of shared-prefix / packed rows.
-
-    One pass over `prompt | chosen | rejected` rows with the branch mask; every scored token is
-    predicted from the hidden state at its `source_index` (the last prompt token for the first
-    rejected token), so each log-prob equals the standard layout's.
-    """
-    model = nnx.merge(graphdef, params)
-    hidden_RxTxD = model(
-        batch["input_ids"],
-        batch["positions"],
-        segment_ids_BxT=batch["segment_ids"],
-        branch_ids_BxT=batch["branch_ids"],
-        return_hidden=True,
-    )
-    return logprobs.token_logprobs(
-        hidden_RxTxD,
-        model.lm_head_weight(),
-        batch["input_ids"],
-        batch["loss_mask"],
-        chunk_size=chunk_size,
-        compute_dtype=model.compute_dtype,
-        source_index_BxT=batch["source_index"],
-        scored_positions_BxW=batch.get("scored_positions"),
-    )
-
-
-def _token_logprobs(
-    graphdef: nnx.GraphDef, params: PyTree, batch: dict[str, jax.Array], chunk_size: int | None
-) -> tuple[jax.Array, jax.Array]:
-    """Per-token log-probs and their loss mask, [2B, T] or [R, T] depending on the layout."""
-    if is_shared_prefix(batch):
-        return shared_prefix_token_logprobs(graphdef, params, batch, chunk_size), batch["loss_mask"]
-    return paired_token_logprobs(graphdef, params, batch, chunk_size)
-
-
-def _pair_sums(values_NxT: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Per-pair sums [B] of a per-token value over the chosen and over the rejected response.
-
-    Packed rows are reduced per row into their S pair slots (segment id - 1), then flattened to
-    [R * S] in `pair_order`'s slot order. A masked sum, not a one-hot matmul: TPUs would run an fp32
-    matmul at bf16 precision by default.
-    """
-    if not is_shared_prefix(batch):
-        half = values_NxT.shape[0] // 2
-        sums_N = values_NxT.sum(axis=-1)
-        return sums_N[:half], sums_N[half:]
-    slots = batch["pair_order"].shape[1]
-    slot_ids_1x1xS = jnp.arange(1, slots + 1, dtype=jnp.int32)[None, None, :]
-    in_slot_RxTxS = batch["segment_ids"][:, :, None] == slot_ids_1x1xS
-    scored_RxT = batch["loss_mask"].astype(bool)
-    zero = jnp.zeros((), values_NxT.dtype)
-
-    def side(branch: int) -> jax.Array:
-        keep_RxTxS = in_slot_RxTxS & (scored_RxT & (batch["branch_ids"] == branch))[:, :, None]
-        values_RxTxS = jnp.broadcast_to(values_NxT[:, :, None], keep_RxTxS.shape)
-        return jnp.where(keep_RxTxS, values_RxTxS, zero).sum(axis=1).reshape(-1)
-
-    return side(1), side(2)
-
-
-def _pair_counts(mask_NxT: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Scored response tokens per pair [B], chosen and rejected."""
-    if not is_shared_prefix(batch):
-        mask_NxT = mask_NxT.at[:, 0].set(0)  # column 0 is never scored in the standard layout
-    return _pair_sums(mask_NxT.astype(jnp.int32), batch)
-
-
-def _precomputed_ref(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    # [B], or [R, S] in the packed layout: flattened in the same slot order as _pair_sums.
-    return batch["ref_chosen_logps"].reshape(-1), batch["ref_rejected_logps"].reshape(-1)
 
 
 def dpo_loss_fn(
@@ -172,36 +106,67 @@ def dpo_loss_fn(
     graphdef: nnx.GraphDef,
     ref_params: PyTree | None,
     settings: DPOSettings,
+    lora: LoraSettings | None = None,
+    base: PyTree | None = None,
+    dropout_rng: jax.Array | None = None,
+    loss_state: dict[str, jax.Array] | None = None,
+    router_aux_loss_coef: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The DPO objective of one (micro-)batch and its metrics."""
+    """The DPO objective of one (micro-)batch and its metrics; `loss_state` is the state some
+    losses carry across steps (BCO's running mean, flux_jax.losses.state), None without one.
+    `router_aux_loss_coef` (MoE models; None otherwise): weight of the policy's router
+    load-balancing loss added to the objective (0 still reports it).
+
+    Full fine-tuning: `params` are the policy's weights. LoRA (`lora` set): `params` are the
+    adapters, applied on the frozen `base` with dropout keyed by `dropout_rng`; the reference
+    (`ref_params`, the same base for an online reference) runs without them.
+    """
     chunk = settings.logprob_chunk_size
+    weights, active = params, None
+    if lora is not None:
+        weights, active = base, ActiveAdapters(params, lora, dropout_rng)
     # N rows: 2B (chosen rows, then rejected rows) or R shared-prefix / packed rows.
-    policy_tok_NxT, mask_NxT = _token_logprobs(graphdef, params, batch, chunk)
-    policy_c, policy_r = _pair_sums(policy_tok_NxT, batch)
-    counts_c, counts_r = _pair_counts(mask_NxT, batch)
+    router_aux = router_aux_loss_coef is not None
+    policy_tok_NxT, mask_NxT, aux, head_stats = batch_logprobs.token_logprobs(
+        graphdef, weights, batch, chunk, active, router_aux, settings.lm_head_stats
+    )
+    policy_c, policy_r = batch_logprobs.pair_sums(policy_tok_NxT, batch)
+    counts_c, counts_r = batch_logprobs.pair_counts(mask_NxT, batch)
 
-    ref_tok_NxT = None
+    ref_tok_NxT = ref_c = ref_r = None  # None: reference-free (rewards = beta * policy logps)
     if "ref_chosen_logps" in batch:
-        ref_c, ref_r = _precomputed_ref(batch)
+        ref_c, ref_r = batch_logprobs.precomputed_ref(batch)
     elif ref_params is not None:
-        ref_tok_NxT, _ = _token_logprobs(graphdef, ref_params, batch, chunk)
+        ref_tok_NxT, _, _, _ = batch_logprobs.token_logprobs(graphdef, ref_params, batch, chunk)
         ref_tok_NxT = jax.lax.stop_gradient(ref_tok_NxT)
-        ref_c, ref_r = _pair_sums(ref_tok_NxT, batch)
-    else:  # reference_free: TRL reports rewards as beta * policy log-probs then
-        ref_c = ref_r = jnp.zeros_like(policy_c)
+        ref_c, ref_r = batch_logprobs.pair_sums(ref_tok_NxT, batch)
 
-    return dpo.dpo_objective_for(
-        settings,
+    # Per-token values: kl_coef and LD-DPO need them, in the standard [2B, T] layout.
+    per_token = settings.kl_coef > 0 or settings.ld_alpha < 1
+    if settings.ld_alpha < 1 and batch_logprobs.is_shared_prefix(batch):
+        raise ValueError(
+            "algorithm.ld_alpha < 1 needs the standard layout: set model.prefix_sharing and "
+            "model.packing to false"
+        )
+    pair = dpo.PairLogps(
         policy_c,
         policy_r,
         ref_c,
         ref_r,
-        chosen_token_counts=counts_c,
-        rejected_token_counts=counts_r,
-        policy_token_logps=policy_tok_NxT if settings.kl_coef > 0 else None,
-        ref_token_logps=ref_tok_NxT if settings.kl_coef > 0 else None,
-        token_loss_mask=mask_NxT if settings.kl_coef > 0 else None,
+        chosen_counts=counts_c,
+        rejected_counts=counts_r,
+        policy_tokens=policy_tok_NxT if per_token else None,
+        ref_tokens=ref_tok_NxT if per_token else None,
+        token_mask=mask_NxT if per_token else None,
+        wpo_log_weights=_wpo_log_weights(policy_tok_NxT, head_stats, batch, counts_c, counts_r),
     )
+    loss, metrics = dpo.dpo_objective_for(settings, pair, loss_state)
+    metrics.update(_logits_metrics(head_stats, batch, counts_c, counts_r))
+    if router_aux:
+        loss = loss + router_aux_loss_coef * aux
+        metrics["router_aux_loss"] = jax.lax.stop_gradient(aux)
+        metrics["loss"] = jax.lax.stop_gradient(loss)
+    return loss, metrics
 
 
 def batch_token_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -209,7 +174,7 @@ def batch_token_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
     In the shared-prefix layout a prompt is one copy, so `tokens` counts what is computed.
     """
-    if is_shared_prefix(batch):
+    if batch_logprobs.is_shared_prefix(batch):
         real = (batch["segment_ids"] > 0).sum()
         scored = batch["loss_mask"].sum()
         return {"tokens": real.astype(jnp.float32), "response_tokens": scored.astype(jnp.float32)}
@@ -234,31 +199,62 @@ def make_train_step(
     settings: DPOSettings,
     *,
     state_shardings: PyTree | None = None,
+    lora: LoraSettings | None = None,
+    dropout_seed: int = 0,
+    router_aux_loss_coef: float | None = None,
 ) -> Callable[..., tuple[dict[str, Any], dict[str, jax.Array]]]:
-    """`step(state, batch, ref_params) -> (state, metrics)`, jitted, donating `state`.
+    """`step(state, batch, frozen) -> (state, metrics)`, jitted, donating `state`.
 
     A step whose loss or gradient norm is NaN/inf changes neither the parameters nor the
     optimiser state (only `step` advances) and reports `nonfinite` = 1; what the run does next
     is the trainer's policy (flux_jax.training_health). So no state that includes a non-finite
     update ever exists, let alone gets saved.
 
-    `ref_params` is None for reference-free training or when the batch carries precomputed
-    reference log-probs. `state_shardings` pins the output state to the input's layout so the
-    parameters never drift to another sharding between steps.
+    Full fine-tuning: `frozen` is the reference's parameters, None for reference-free training or
+    when the batch carries precomputed reference log-probs, or when the state carries the
+    reference as `state["ref_params"]` (TR-DPO, flux_jax.ref_sync: then the step reads it there
+    and passes it through unchanged). LoRA (`lora` set): the state's params
+    are the adapters and `frozen` is the base, which is also the online reference (unless
+    reference-free, or the batch carries its log-probs); the adapter dropout key of a step is
+    `dropout_seed` folded with the step number (and the micro-batch), so a resumed run draws the
+    same masks. `router_aux_loss_coef`: see `dpo_loss_fn`. `state_shardings` pins the output
+    state to the input's layout so the parameters never drift to another sharding between steps.
     """
+    use_dropout = lora is not None and lora.dropout > 0
 
-    def step(state, batch, ref_params):
-        loss_fn = lambda p, mb: dpo_loss_fn(  # noqa: E731
-            p, mb, graphdef=graphdef, ref_params=ref_params, settings=settings
-        )
+    def step(state, batch, frozen):
+        base = frozen if lora is not None else None
+        # TR-DPO (flux_jax.ref_sync): a reference that is updated during training is in the state.
+        ref_params = state.get("ref_params", frozen)
+        if lora is not None and settings.reference_free:
+            ref_params = None
+
+        def loss_fn(p, mb, rng):
+            return dpo_loss_fn(
+                p,
+                mb,
+                graphdef=graphdef,
+                ref_params=ref_params,
+                settings=settings,
+                lora=lora,
+                base=base,
+                dropout_rng=rng,
+                loss_state=state.get("loss_state"),
+                router_aux_loss_coef=router_aux_loss_coef,
+            )
+
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        rng = None
+        if use_dropout:
+            rng = jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
         if settings.grad_accum_steps > 1:
             micro = split_microbatches(batch, settings.grad_accum_steps)
+            keys = None if rng is None else jax.random.split(rng, settings.grad_accum_steps)
             grads, (_, metrics) = accumulate_gradients(
-                lambda p, mb: grad_fn(p, mb), state["params"], micro
+                lambda p, mb: grad_fn(p, mb[0], mb[1]), state["params"], (micro, keys)
             )
         else:
-            (_, metrics), grads = grad_fn(state["params"], batch)
+            (_, metrics), grads = grad_fn(state["params"], batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics)
@@ -271,6 +267,13 @@ def make_train_step(
         metrics["learning_rate"] = jnp.asarray(schedule(state["step"]), jnp.float32)
         metrics.update(batch_token_counts(batch))
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        if "ref_params" in state:  # unchanged by the step (the ref_sync hook updates it)
+            new_state["ref_params"] = state["ref_params"]
+        if "loss_state" in state:  # advances with the parameters: not on a non-finite step
+            new_loss_state = dpo.next_loss_state(
+                state["loss_state"], metrics, settings.grad_accum_steps
+            )
+            new_state["loss_state"] = keep_if_finite(finite, new_loss_state, state["loss_state"])
         return new_state, metrics
 
     out_shardings = (state_shardings, None) if state_shardings is not None else None
@@ -286,7 +289,9 @@ def make_ref_logps_step(
     """
 
     def ref_step(ref_params, batch):
-        token_logps_NxT, _ = _token_logprobs(graphdef, ref_params, batch, chunk_size)
-        return _pair_sums(token_logps_NxT, batch)
+        token_logps_NxT, _, _, _ = batch_logprobs.token_logprobs(
+            graphdef, ref_params, batch, chunk_size
+        )
+        return batch_logprobs.pair_sums(token_logps_NxT, batch)
 
     return jax.jit(ref_step)

@@ -4,9 +4,13 @@
     result = trainer.fit(prompts="preferences.jsonl", data_format="preferences")
 
 The trainer holds the policy (flux_jax.policy: model, tokenizer, mesh), the frozen reference and
-the DPO settings (flux_jax.dpo). fit() sets up the data (flux_jax.train_data), the state and the
-checkpointer, then runs the loop: one jitted step per batch, and everything else as hooks with an
-interval (flux_jax.hooks): step callbacks, eval, checkpoint saves, `best`.
+the DPO settings (flux_jax.dpo); with algorithm.ref_sync (TR-DPO) the reference is part of the
+train state and a hook moves it towards the policy every N steps (flux_jax.ref_sync). With LoRA
+(model.lora.rank > 0, flux_jax.lora) the policy is a frozen base plus adapters, only the adapters
+train, and the reference is that same base with the adapters off: no reference copy is made.
+fit() sets up the data (flux_jax.train_data), the state and the checkpointer, then runs the loop:
+one jitted step per batch, and everything else as hooks with an interval (flux_jax.hooks): step
+callbacks, eval, checkpoint saves, `best`.
 
 Metrics reach the host one step late, so the host never blocks the device on a fresh step; but a
 step's metrics are always finished before any hook sees its state, so the non-finite guard stops
@@ -26,21 +30,27 @@ import jax
 import numpy as np
 
 from flux_jax import checkpoint as ckpt_lib
-from flux_jax import optim, run_lock, train_data
+from flux_jax import optim, ref_sync, run_lock, train_data
 from flux_jax import train_step as ts
-from flux_jax.best_checkpoint import BestTracker
+from flux_jax.adapter_checkpoint import BaseModel, adapter_metadata, check_matches
+from flux_jax.best_checkpoint import BestTracker, load_params
 from flux_jax.compile_cache import enable_compile_cache
 from flux_jax.config import FluxConfig
 from flux_jax.distributed import initialize_distributed, is_main_process
-from flux_jax.dpo import DPOSettings
+from flux_jax.dpo import DPOSettings, initial_loss_state
 from flux_jax.hooks import Hooks, StepState
+from flux_jax.lora import LoraSettings, init_adapters
 from flux_jax.metrics_log import MetricsLog, summarise
 from flux_jax.model_assets import MODEL_ASSETS_DIR, save_model_assets
 from flux_jax.model_setup import ModelOptions, load_model, load_tokenizer
+from flux_jax.models.qwen.moe import resolve_router_aux_loss_coef
+from flux_jax.peft_io import load_peft_adapter_onto
 from flux_jax.policy import Policy, as_reference
+from flux_jax.preemption import install_preemption_handler
 from flux_jax.sharding import mesh_from_config, shard_batch, state_shardings_of, to_host
 from flux_jax.sharding_check import check_sharding
 from flux_jax.step_metrics import StepMetrics, StepResult
+from flux_jax.trackers import check_tracker_packages, open_trackers, tracker_settings
 from flux_jax.train_data import DEMO_EVAL, DEMO_TRAIN  # noqa: F401  (imported from here too)
 
 PyTree = Any
@@ -63,6 +73,8 @@ class FluxTrainer:
 
     def __init__(self, config: FluxConfig, *, mesh: jax.sharding.Mesh | None = None):
         self.config = config.validate() if isinstance(config, FluxConfig) else config
+        # A tracker whose package is missing fails here, not after data loading and compiling.
+        check_tracker_packages(tracker_settings(self.config.logging))
         initialize_distributed()
         # Before the first compile: JAX reads the cache settings once per process.
         enable_compile_cache(
@@ -75,12 +87,28 @@ class FluxTrainer:
         tokenizer = load_tokenizer(config.model_path, config.tokenizer_path)
         model = load_model(config.model_path, ModelOptions.from_config(config), self.mesh)
         self.policy = Policy.from_model(model, tokenizer, self.mesh, self.config)
+        self.lora = LoraSettings.from_config(config.model.lora)
+        if self.lora is not None:  # the loaded model is the frozen base; adapters are trained
+            if config.model.lora.init_from:  # a PEFT adapter, e.g. from an SFT run
+                adapters = load_peft_adapter_onto(
+                    config.model.lora.init_from,
+                    self.policy.params,
+                    self.policy.model_config,
+                    self.lora,
+                )
+            else:
+                adapters = init_adapters(self.policy.params, self.lora, jax.random.key(config.seed))
+            self.policy = self.policy.with_adapters(adapters, self.lora)
         self.settings = self.policy.dpo_settings()
         # The reference is the initial policy (None: reference-free, or freed once its log-probs
-        # are precomputed).
+        # are precomputed); with LoRA it is the frozen base itself, adapters off: not a copy.
         self.ref_params: PyTree | None = None
         if not config.algorithm.reference_free:
-            self.ref_params = as_reference(self.params, config.model.compute_dtype)
+            self.ref_params = (
+                self.policy.params
+                if self.lora is not None
+                else as_reference(self.params, config.model.compute_dtype)
+            )
 
     # The policy's parts, as attributes of the trainer (the tutorial's API).
     tokenizer = property(lambda self: self.policy.tokenizer)
@@ -89,11 +117,13 @@ class FluxTrainer:
 
     @property
     def params(self) -> PyTree:
-        return self.policy.params
+        """The trained parameters: the policy's weights, or with LoRA its adapters (the frozen
+        base is `base_params()`)."""
+        return self.policy.trainable
 
     @params.setter
     def params(self, params: PyTree) -> None:
-        self.policy = self.policy.with_params(params)
+        self.policy = self.policy.with_trainable(params)
 
     # ------------------------------------------------------------------------------------------
     # Public API
@@ -136,6 +166,8 @@ class FluxTrainer:
             run = _Run(cfg, self.policy, self.ref_params, self.settings, self.step_hooks)
             result, params = run.train(output_dir, examples, eval_examples)
         self.params = params
+        if run.final_reference is not None:  # TR-DPO: the reference the run ended with
+            self.ref_params = run.final_reference
         return result
 
     def evaluate(self, path: str, data_format: str | None = None) -> dict[str, float]:
@@ -147,9 +179,15 @@ class FluxTrainer:
         )
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
-        """Loads the parameters of a checkpoint (`output_dir/best`, or a step directory)."""
-        self.params = ckpt_lib.load_params(path, ckpt_lib.abstract_of(self.params))
-        return ckpt_lib.read_metadata(path)
+        """Loads the parameters (with LoRA: the adapters) of a checkpoint (`output_dir/best`, or
+        a step directory) and returns its metadata. A LoRA checkpoint must match this trainer's
+        LoRA settings and base weights (a clear ValueError otherwise)."""
+        meta = ckpt_lib.read_metadata(path)
+        cfg = self.config
+        base = BaseModel.of(cfg.model_path, cfg.seed, cfg.model.lora) if self.lora else None
+        check_matches(meta, path, settings=self.lora, base=base, action="load")
+        self.params = load_params(path, ckpt_lib.abstract_of(self.params))
+        return meta
 
     def export(self, out_dir: str, *, dtype: str | None = None) -> str:
         """Writes the current policy as a Hugging Face model directory (with tokenizer files)."""
@@ -191,6 +229,10 @@ class _Run:
         self.cfg, self.policy, self.ref_params = config, policy, ref_params
         self.settings, self.step_hooks = settings, step_hooks
         self.main = is_main_process()
+        # TR-DPO (flux_jax.ref_sync): the reference is updated during the run, so it is part of
+        # the train state (read by the step, saved in every checkpoint: resume is exact).
+        self.syncs_reference = config.algorithm.ref_sync.every_steps > 0
+        self.final_reference: PyTree | None = None
 
     # -- the run, top down -------------------------------------------------------------------
 
@@ -201,9 +243,20 @@ class _Run:
         cfg, policy = self.cfg, self.policy
         self.output_dir, self.eval_examples, self.eval_metrics = output_dir, eval_examples, None
         self.iterator = train_data.data_iterator(cfg, policy.tokenizer, policy.mesh, examples)
-        tx, schedule = _optimizer(cfg)
-        state = ts.init_train_state(policy.params, tx)
-        check_sharding(state, policy.mesh, reference=self.ref_params)
+        tx, schedule = optim.from_config(cfg)
+        # + BCO's running mean when selected: checkpointed and restored with the rest.
+        state = ts.init_train_state(policy.trainable, tx, initial_loss_state(self.settings))
+        # LoRA: the step's frozen argument is the base (also the online reference); the big
+        # arrays to check are the base's; the adapters and their moments are reported only.
+        self.frozen = policy.params if policy.lora is not None else self.ref_params
+        self.base_model = None
+        if policy.lora is None:
+            check_sharding(state, policy.mesh, reference=self.ref_params)
+        else:
+            check_sharding({"params": policy.params, "adapters": state}, policy.mesh)
+            self.base_model = BaseModel.of(cfg.model_path, cfg.seed, cfg.model.lora)
+        if self.syncs_reference:  # donated to the first step: the state now owns it
+            state[ref_sync.STATE_KEY], self.frozen = self.ref_params, None
         self.checkpointer = ckpt_lib.TrainCheckpointer(
             os.path.join(output_dir, "checkpoints"),
             max_to_keep=cfg.checkpoint.max_to_keep,
@@ -216,7 +269,16 @@ class _Run:
         )
         start = int(to_host(state["step"]))
         step_fn = ts.make_train_step(
-            policy.graphdef, tx, schedule, self.settings, state_shardings=state_shardings_of(state)
+            policy.graphdef,
+            tx,
+            schedule,
+            self.settings,
+            state_shardings=state_shardings_of(state),
+            router_aux_loss_coef=resolve_router_aux_loss_coef(
+                cfg.algorithm.router_aux_loss_coef, policy.model_config
+            ),
+            lora=policy.lora,
+            dropout_seed=cfg.seed,
         )
         self.mlog = MetricsLog(
             output_dir,
@@ -226,6 +288,11 @@ class _Run:
             tensorboard=cfg.logging.tensorboard,
             progress_bar=cfg.logging.progress_bar,
             enabled=self.main,
+            trackers=(
+                open_trackers(tracker_settings(cfg.logging), cfg.to_dict(), output_dir)
+                if self.main
+                else ()
+            ),
         )
         if resumed_from is not None:
             self.mlog.message(f"resumed from {self.checkpointer.directory} step {resumed_from}")
@@ -234,7 +301,7 @@ class _Run:
         self.steps = StepMetrics(cfg, self.checkpointer, self.mlog, self.step_hooks)
         hooks = self._state_hooks(has_eval=eval_examples is not None)
         t0 = time.perf_counter()
-        is_preempted = ckpt_lib.install_preemption_handler()
+        is_preempted = install_preemption_handler()
         try:
             state, preempted = self._loop(state, step_fn, hooks, is_preempted)
         finally:
@@ -244,6 +311,7 @@ class _Run:
             finally:
                 self.mlog.close()
         result = self._result(state, preempted, resumed_from, time.perf_counter() - t0)
+        self.final_reference = state.get(ref_sync.STATE_KEY)
         return result, state["params"]
 
     def _loop(
@@ -259,7 +327,7 @@ class _Run:
         preempted = False
         for step in range(int(to_host(state["step"])) + 1, last + 1):
             batch = shard_batch(next(self.iterator), mesh)
-            state, metrics = step_fn(state, batch, self.ref_params)
+            state, metrics = step_fn(state, batch, self.frozen)
             steps.push(step, metrics)  # finishes step - 1: the device is already busy with `step`
             preempted = is_preempted(step)  # every process, every step (multi-host sync)
             due = hooks.due(step, last, stopping=preempted)
@@ -276,10 +344,9 @@ class _Run:
     # -- hooks on the fresh state ------------------------------------------------------------
 
     def _evaluate(self, event: StepState) -> None:
-        policy = self.policy.with_params(event.state["params"])
-        metrics = policy.evaluate(
-            self.eval_examples, reference=self.ref_params, settings=self.settings
-        )
+        policy = self.policy.with_trainable(event.state["params"])
+        reference = event.state.get(ref_sync.STATE_KEY, self.ref_params)  # TR-DPO: the current
+        metrics = policy.evaluate(self.eval_examples, reference=reference, settings=self.settings)
         self.eval_metrics = metrics
         self.mlog.eval_step(event.step, metrics)
         self.best.offer(event.step, metrics["loss"], event.state["params"], self.metadata)
@@ -299,9 +366,17 @@ class _Run:
     # -- set-up and result -------------------------------------------------------------------
 
     def _state_hooks(self, has_eval: bool) -> Hooks[StepState]:
-        """Eval (eval.every_steps and the last step), then the checkpoint save (every
-        checkpoint.save_steps, the last step, and on SIGTERM)."""
+        """TR-DPO's reference update (algorithm.ref_sync.every_steps), eval (eval.every_steps
+        and the last step), then the checkpoint save (every checkpoint.save_steps, the last step,
+        and on SIGTERM): the eval and the checkpoint of a step see its updated reference."""
         hooks: Hooks[StepState] = Hooks()
+        sync = self.cfg.algorithm.ref_sync
+        if sync.every_steps > 0:
+            hooks.add(
+                ref_sync.sync_reference_hook(sync.mixup_alpha),
+                every=sync.every_steps,
+                at_last=False,  # as TRL: on multiples of every_steps only
+            )
         if has_eval:
             hooks.add(self._evaluate, every=self.cfg.eval.every_steps)
         hooks.add(self._save, every=self.cfg.checkpoint.save_steps, on_stop=True)
@@ -310,12 +385,28 @@ class _Run:
     def _restore(self, state: dict[str, Any], iterator: Any) -> tuple[int | None, dict[str, Any]]:
         """The newest step that restores (damaged newer ones are set aside), else `state`."""
         if self.cfg.checkpoint.resume:
+            self._check_latest_matches()
             restored = self.checkpointer.restore_latest(
                 ckpt_lib.abstract_of(state), data_iterator=iterator
             )
             if restored is not None:
                 return restored
         return None, state
+
+    def _check_latest_matches(self) -> None:
+        """Refuses to resume from a checkpoint of another kind of run: full fine-tuning vs LoRA,
+        other LoRA settings, adapters of other base weights (adapter_checkpoint.py), or with vs
+        without TR-DPO's reference in the state (ref_sync)."""
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return
+        where = self.checkpointer.step_dir(latest)
+        try:
+            meta = ckpt_lib.read_metadata(where)
+        except (OSError, ValueError):  # damaged: restore_latest sets it aside and falls back
+            return
+        check_matches(meta, where, settings=self.policy.lora, base=self.base_model)
+        ref_sync.check_resume_matches(meta, where, syncs=self.syncs_reference)
 
     def _write_run_files(self) -> None:
         """config.yaml and model_assets/ (the config and tokenizer checkpoints are read with)."""
@@ -340,6 +431,8 @@ class _Run:
             "flux_config": self.cfg.to_dict(),
             # Stored relative to each checkpoint (checkpoint.py): a moved output_dir still works.
             ckpt_lib.MODEL_ASSETS_KEY: os.path.join(self.output_dir, MODEL_ASSETS_DIR),
+            # LoRA: the settings and the base the adapters belong to (checked on resume / load).
+            **adapter_metadata(self.policy.lora, self.base_model),
         }
 
     def _result(
@@ -361,24 +454,3 @@ class _Run:
             preempted=preempted,
             resumed_from=resumed_from,
         )
-
-
-def _optimizer(cfg: FluxConfig) -> tuple[Any, Any]:
-    """The optax chain of the config and its learning-rate schedule (flux_jax.optim)."""
-    opt = cfg.optimizer
-    common = dict(
-        learning_rate=cfg.learning_rate,
-        num_steps=cfg.num_steps,
-        warmup_steps=opt.warmup_steps,
-        schedule=opt.schedule,
-        min_lr_ratio=opt.min_lr_ratio,
-    )
-    tx = optim.make_optimizer(
-        **common,
-        b1=opt.b1,
-        b2=opt.b2,
-        eps=opt.eps,
-        weight_decay=opt.weight_decay,
-        max_grad_norm=opt.max_grad_norm or None,
-    )
-    return tx, optim.make_schedule(**common)

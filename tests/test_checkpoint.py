@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from flux_jax import best_checkpoint, preemption
 from flux_jax import checkpoint as ckpt
 from flux_jax.data import make_preference_iterator
 from flux_jax.models.qwen.model import build_model
@@ -170,7 +171,7 @@ def test_round_trip_restores_state_and_data_position(tmp_path, mesh8, state8, da
     assert saved_meta["step"] == 7 and saved_meta["model_path"] == "tiny"
     assert saved_meta["hf_config"] == json.loads(json.dumps(TINY.to_hf_config()))
     assert saved_meta["wall_time"] > 0
-    params = ckpt.load_params(reopened.step_dir(7), abstract["params"])
+    params = best_checkpoint.load_params(reopened.step_dir(7), abstract["params"])
     assert_trees_equal(to_host(params), expected_state["params"])
     reopened.close()
 
@@ -197,7 +198,7 @@ def test_rotation_keeps_the_last_k_and_best_apart(tmp_path, state8):
         for step in (1, 2, 3, 4, 5):
             checkpointer.save(step, scaled(step))
             if step in (2, 3):
-                ckpt.save_best(
+                best_checkpoint.save_best(
                     best,
                     step,
                     scaled(step)["params"],
@@ -214,20 +215,20 @@ def test_rotation_keeps_the_last_k_and_best_apart(tmp_path, state8):
     assert (info["model_path"], info["tokenizer_path"]) == ("m", "t")
     assert info["hf_config"]["hidden_size"] == TINY.hidden_size
     assert_trees_equal(
-        to_host(ckpt.load_params(best, abstract_params)), to_host(scaled(3)["params"])
+        to_host(best_checkpoint.load_params(best, abstract_params)), to_host(scaled(3)["params"])
     )
 
 
 def test_an_interrupted_best_swap_is_repaired(tmp_path, state8):
     best = tmp_path / "best"
     params = state8["params"]
-    ckpt.save_best(best, 1, params, metric_name="loss", metric_value=2.0)
+    best_checkpoint.save_best(best, 1, params, metric_name="loss", metric_value=2.0)
     # A crash between the swap's two renames: the previous best is at best.old, and a
     # half-written staging directory lies beside it.
     os.rename(best, str(best) + ".old")
     os.makedirs(str(best) + ".staging/params")
     assert ckpt.read_metadata(best)["step"] == 1
-    ckpt.save_best(best, 2, params, metric_name="loss", metric_value=1.0)
+    best_checkpoint.save_best(best, 2, params, metric_name="loss", metric_value=1.0)
     assert ckpt.read_metadata(best)["step"] == 2
     assert sorted(os.listdir(tmp_path)) == ["best"]
 
@@ -235,7 +236,9 @@ def test_an_interrupted_best_swap_is_repaired(tmp_path, state8):
 def test_a_different_model_shape_names_the_mismatched_parameters(tmp_path, mesh8, state8):
     with ckpt.TrainCheckpointer(tmp_path / "checkpoints", save_interval_steps=1) as checkpointer:
         checkpointer.save(1, state8)
-    ckpt.save_best(tmp_path / "best", 1, state8["params"], metric_name="loss", metric_value=1.0)
+    best_checkpoint.save_best(
+        tmp_path / "best", 1, state8["params"], metric_name="loss", metric_value=1.0
+    )
 
     # Wider MLP: three kernels change shape. Tied embeddings: no lm_head in the model.
     other = dataclasses.replace(TINY, intermediate_size=48, tie_word_embeddings=True)
@@ -252,7 +255,7 @@ def test_a_different_model_shape_names_the_mismatched_parameters(tmp_path, mesh8
 
     for path in (tmp_path / "best", tmp_path / "checkpoints" / "1"):
         with pytest.raises(ckpt.CheckpointMismatchError) as err:
-            ckpt.load_params(path, abstract["params"])
+            best_checkpoint.load_params(path, abstract["params"])
         assert {p for p, _, _ in err.value.mismatched} == {
             f"layers/mlp/{name}/kernel" for name in ("gate_proj", "up_proj", "down_proj")
         }
@@ -326,7 +329,9 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 def test_restores_onto_a_smaller_mesh(tmp_path, state8):
     with ckpt.TrainCheckpointer(tmp_path / "checkpoints", save_interval_steps=1) as checkpointer:
         checkpointer.save(1, state8)
-    ckpt.save_best(tmp_path / "best", 1, state8["params"], metric_name="loss", metric_value=1.0)
+    best_checkpoint.save_best(
+        tmp_path / "best", 1, state8["params"], metric_name="loss", metric_value=1.0
+    )
     kernel = state8["params"]["layers"]["mlp"]["gate_proj"]["kernel"]
     assert len(kernel.sharding.device_set) == 8
 
@@ -334,7 +339,7 @@ def test_restores_onto_a_smaller_mesh(tmp_path, state8):
     abstract = abstract_train_state(TINY, mesh4)
     with ckpt.TrainCheckpointer(tmp_path / "checkpoints") as checkpointer:
         restored = checkpointer.restore(abstract_state=abstract)
-    params = ckpt.load_params(tmp_path / "best", abstract["params"])
+    params = best_checkpoint.load_params(tmp_path / "best", abstract["params"])
 
     assert_trees_equal(to_host(restored), to_host(state8))
     assert_trees_equal(to_host(params), to_host(state8["params"]))
@@ -358,12 +363,12 @@ def test_restore_needs_shardings_and_an_existing_step(tmp_path, state8):
         with pytest.raises(ValueError, match="sharding"):
             checkpointer.restore(abstract_state=bare)
     with pytest.raises(FileNotFoundError, match="not a flux_jax checkpoint"):
-        ckpt.load_params(tmp_path, ckpt.abstract_of(state8["params"]))
+        best_checkpoint.load_params(tmp_path, ckpt.abstract_of(state8["params"]))
 
 
 def test_sigterm_sets_the_preemption_flag():
     previous = signal.getsignal(signal.SIGTERM)
-    is_preempted = ckpt.install_preemption_handler()
+    is_preempted = preemption.install_preemption_handler()
     try:
         assert not is_preempted()
         os.kill(os.getpid(), signal.SIGTERM)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flux_jax import best_checkpoint
 from flux_jax import checkpoint as ckpt
 from flux_jax.cli import main
 from flux_jax.data import make_preference_iterator
@@ -187,14 +188,14 @@ def test_metrics_log_drops_the_lines_past_its_start_step(tmp_path):
 def test_loading_params_warns_about_nothing(tmp_path, data_path, caplog):
     _save_steps_1_and_2(tmp_path / "checkpoints", data_path)
     params = {"w": _state(3)["w"]}
-    ckpt.save_best(tmp_path / "best", 3, params, metric_name="loss", metric_value=1.0)
+    best_checkpoint.save_best(tmp_path / "best", 3, params, metric_name="loss", metric_value=1.0)
     abstract = ckpt.abstract_of({"w": _state(0)["w"]})
     with caplog.at_level(logging.WARNING):
-        ckpt.load_params(tmp_path / "best", abstract)
+        best_checkpoint.load_params(tmp_path / "best", abstract)
     assert not [r for r in caplog.records if "could not be restored" in r.getMessage()]
     # A step directory's params: the state item holds "step" and "w", not a params subtree.
     with pytest.raises(ValueError, match="holds no 'params' subtree"):
-        ckpt.load_params(tmp_path / "checkpoints" / "1", abstract)
+        best_checkpoint.load_params(tmp_path / "checkpoints" / "1", abstract)
     assert not [r for r in caplog.records if "could not be restored" in r.getMessage()]
 
 

@@ -333,7 +333,7 @@ def test_config_error_is_a_value_error():
         (["data.bucket_lengths=0,1024"], "data.bucket_lengths must be strictly increasing"),
         (["optimizer.warmup_steps=2000"], "optimizer.warmup_steps must be in [0, num_steps]"),
         (["generation.top_p=0"], "generation.top_p must be in (0, 1]"),
-        (["mesh.data=-1"], "mesh: at most one of data, fsdp, tensor may be -1"),
+        (["mesh.data=-1"], "mesh: at most one of data, fsdp, tensor, expert may be -1"),
         (["mesh.tensor=0"], "mesh.tensor must be >= 1, or -1"),
         (["checkpoint.save_steps=0"], "checkpoint.save_steps must be >= 1"),
         (["model.logprob_chunk_mib=-1"], "model.logprob_chunk_mib must be >= 0 (0 = no cap)"),

@@ -1,5 +1,7 @@
-"""DPO loss family and regularisers against independent NumPy formulas, by-hand metrics, and
-finite-difference gradients in float64."""
+"""The public DPO API (`dpo_loss`, `dpo_objective`) and the regularisers against independent NumPy
+formulas, by-hand metrics and finite-difference gradients in float64. Every loss of the family is
+checked against its paper in tests/test_loss_family.py and against TRL in
+tests/test_loss_family_trl.py."""
 
 import math
 
@@ -12,6 +14,7 @@ from flux_jax import dpo
 from flux_jax.dpo import LOSS_TYPES, dpo_loss, dpo_objective, kl_penalty, sft_loss
 
 N = 6
+CLASSIC = ("sigmoid", "ipo", "hinge", "robust")  # the four this file's NumPy formulas cover
 
 
 def _log_sigmoid(x):
@@ -51,10 +54,12 @@ def _random_logps(seed):
     return pc, pr, rc, rr, nc, nr
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLASSIC)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("reference_free", [False, True])
 def test_loss_matches_numpy_formula(loss_type, label_smoothing, reference_free):
+    if label_smoothing and not dpo.LOSSES[loss_type].uses_label_smoothing:
+        label_smoothing = 0.0  # refused with a non-zero value (test_validation)
     pc, pr, rc, rr, nc, nr = _random_logps(0)
     beta = 0.3 if loss_type != "ipo" else 0.5
     loss, metrics = dpo_loss(
@@ -131,7 +136,7 @@ def test_reference_free_ignores_ref_in_loss_but_not_in_rewards():
     np.testing.assert_allclose(m_b["chosen_reward"], m_a["chosen_reward"] - 0.1 * 3.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLASSIC)
 def test_gradients_match_finite_differences(loss_type):
     pc, pr, rc, rr, nc, nr = _random_logps(3)
     # Small log-ratios keep every pair away from the hinge's kink at beta * h = 1.
@@ -142,8 +147,9 @@ def test_gradients_match_finite_differences(loss_type):
 
         @jax.jit
         def f(x):
+            ls = 0.1 if dpo.LOSSES[loss_type].uses_label_smoothing else 0.0
             loss, _ = dpo_loss(
-                x[0], x[1], x[2], x[3], loss_type=loss_type, beta=0.2, label_smoothing=0.1, **counts
+                x[0], x[1], x[2], x[3], loss_type=loss_type, beta=0.2, label_smoothing=ls, **counts
             )
             return loss
 
@@ -251,14 +257,15 @@ def test_dpo_objective_combines_terms():
 # -- one settings object and the loss registry ---------------------------------------------------
 
 
-def test_settings_variants_equal_the_keyword_api():
+def test_the_step_entry_equals_the_keyword_api():
     pc, pr, rc, rr, nc, nr = (jnp.asarray(x) for x in _random_logps(9))
-    for loss_type in LOSS_TYPES:
+    for loss_type in CLASSIC:
         kw = dict(loss_type=loss_type, beta=0.3, label_smoothing=0.0, reference_free=False)
         settings = dpo.DPOSettings(**kw, sft_coef=0.5)
         counts = dict(chosen_token_counts=nc, rejected_token_counts=nr)
         want, want_m = dpo_objective(pc, pr, rc, rr, sft_coef=0.5, **kw, **counts)
-        got, got_m = dpo.dpo_objective_for(settings, pc, pr, rc, rr, **counts)
+        pair = dpo.PairLogps(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr)
+        got, got_m = dpo.dpo_objective_for(settings, pair)
         assert float(got) == float(want), loss_type
         assert {k: float(v) for k, v in got_m.items()} == {k: float(v) for k, v in want_m.items()}
 
@@ -272,8 +279,13 @@ def test_settings_from_config_and_checks():
     )
     settings = dpo.DPOSettings.from_config(config.validate(), logprob_chunk_size=64)
     assert settings == dpo.DPOSettings(
-        loss_type="ipo", beta=0.5, logprob_chunk_size=64, grad_accum_steps=2
+        loss_type="ipo",
+        beta=0.5,
+        logprob_chunk_size=64,
+        grad_accum_steps=2,
+        logits_metrics=True,  # logging.logits_metrics: on in the config, as TRL logs them
     )
+    assert settings.loss_type == ("ipo",) and settings.loss_weights == (1.0,)
     assert settings.loss.length_normalised
     hash(settings)  # static under jit
     with pytest.raises(ValueError, match="sft_coef and kl_coef must be >= 0"):
@@ -288,17 +300,20 @@ def test_the_schema_choices_are_the_registry():
         assert "arXiv:" in loss.losses.__doc__, loss.name
 
 
-def test_a_registered_loss_is_usable_by_name(monkeypatch):
-    monkeypatch.setattr(dpo, "LOSSES", dict(dpo.LOSSES))  # the registration ends with the test
+def test_a_registered_loss_is_usable_by_name():
+    from flux_jax.losses import registry
 
     @dpo.register_loss("squared_margin")
-    def squared_margin(h_B, beta, label_smoothing):
+    def squared_margin(x, s):
         """A toy loss for this test."""
-        return (1 - beta * h_B) ** 2
+        return (1 - s.beta * x.delta_score) ** 2
 
-    pc, pr, rc, rr = (jnp.asarray(x) for x in _random_logps(10)[:4])
-    loss, _ = dpo.dpo_loss_for(dpo.DPOSettings(loss_type="squared_margin"), pc, pr, rc, rr)
-    h = (np.asarray(pc) - np.asarray(pr)) - (np.asarray(rc) - np.asarray(rr))
-    np.testing.assert_allclose(loss, np.mean((1 - 0.1 * h) ** 2), rtol=1e-5)
-    with pytest.raises(ValueError, match="already registered"):
-        dpo.register_loss("sigmoid")(squared_margin)
+    try:
+        pc, pr, rc, rr = (jnp.asarray(x) for x in _random_logps(10)[:4])
+        loss, _ = dpo.dpo_loss(pc, pr, rc, rr, loss_type="squared_margin")
+        h = (np.asarray(pc) - np.asarray(pr)) - (np.asarray(rc) - np.asarray(rr))
+        np.testing.assert_allclose(loss, np.mean((1 - 0.1 * h) ** 2), rtol=1e-5)
+        with pytest.raises(ValueError, match="already registered"):
+            dpo.register_loss("sigmoid")(squared_margin)
+    finally:  # the registration ends with the test
+        del registry.LOSSES["squared_margin"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from flux_jax import flops, optim
+from flux_jax import batch_logprobs, flops, optim
 from flux_jax import train_step as ts
 from flux_jax.models.qwen.config import QwenConfig
 from flux_jax.models.qwen.model import build_model
@@ -100,7 +100,7 @@ def test_train_step_count_matches_xla_within_10_percent(reference, remat):
     batch = {
         f"{side}_{name}": jnp.ones((pairs, length), jnp.int32)
         for side in ("chosen", "rejected")
-        for name in ts.SEQUENCE_FIELDS
+        for name in batch_logprobs.SEQUENCE_FIELDS
     }
     ref_params = params if reference == "model" else None
     compiled = step.lower(ts.init_train_state(params, tx), batch, ref_params).compile()

@@ -10,14 +10,9 @@ from flax import nnx
 
 from flux_jax import sharding as sh
 from flux_jax.config import FluxConfig
-from flux_jax.memory_plan import (
-    KNOWN_DEVICES,
-    device_memory,
-    fits,
-    format_memory_plan,
-    memory_plan,
-    plan_from_config,
-)
+from flux_jax.devices import KNOWN_DEVICES, device_memory
+from flux_jax.memory_plan import memory_plan, plan_from_config
+from flux_jax.memory_report import fits, format_memory_plan
 from flux_jax.models.qwen.model import build_model
 from flux_jax.models.qwen.presets import PRESETS, resolve_architecture
 from flux_jax.sharding_check import check_sharding
@@ -136,7 +131,7 @@ def test_format_and_devices():
 def test_plan_from_config():
     config = FluxConfig.default()
     plan = plan_from_config(config)  # this machine's 8 (simulated) devices, fsdp = -1
-    assert plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1, "devices": 8}
+    assert plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1, "devices": 8}
     assert plan["model"]["num_params"] == PRESETS["tiny-qwen3"].num_params()
     assert plan["settings"]["reference"] == "model"
     config.model_path = "Qwen/Qwen3-8B"
@@ -144,7 +139,7 @@ def test_plan_from_config():
     config.algorithm.precompute_ref_logps = True
     config.model.logprob_chunk_size = 0
     plan = plan_from_config(config, num_devices=64)
-    assert plan["mesh"] == {"data": 2, "fsdp": 32, "tensor": 1, "devices": 64}
+    assert plan["mesh"] == {"data": 2, "fsdp": 32, "tensor": 1, "expert": 1, "devices": 64}
     assert plan["settings"]["reference"] == "precomputed"
     assert plan["settings"]["logprob_chunk_size"] is None
     assert "Qwen/Qwen3-8B" in format_memory_plan(plan, device="v5p")

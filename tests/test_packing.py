@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flux_jax import logprobs
+from flux_jax import batch_logprobs, logprobs
 from flux_jax import train_step as ts
 from flux_jax.data.batching import collate_pairs
 from flux_jax.data.packing import assign_rows, collate_shared_prefix, max_pairs_per_row
@@ -148,7 +148,9 @@ def _run(graphdef, params, ref_params, batch):
         )
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    pairs = ts._pair_sums(ts._token_logprobs(graphdef, params, batch, 8)[0], batch)
+    pairs = batch_logprobs.pair_sums(
+        batch_logprobs.token_logprobs(graphdef, params, batch, 8)[0], batch
+    )
     return pairs, loss, metrics, grads
 
 

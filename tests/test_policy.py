@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from flux_jax import best_checkpoint, commands
 from flux_jax import checkpoint as ckpt
-from flux_jax import commands
 from flux_jax.demo import demo_config
 from flux_jax.model_assets import MODEL_ASSETS_DIR, save_model_assets
 from flux_jax.model_setup import ModelOptions, load_model, load_tokenizer
@@ -43,7 +43,7 @@ def checkpoint(tmp_path_factory):
         model_path=config.model_path,
     )
     best = run / "best"
-    ckpt.save_best(
+    best_checkpoint.save_best(
         best,
         3,
         params,

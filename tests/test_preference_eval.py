@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flux_jax import dpo, logprobs, train_step
+from flux_jax import batch_logprobs, dpo, logprobs, train_step
 from flux_jax.data import (
     BATCH_KEYS,
     collate_pairs,
@@ -84,7 +84,7 @@ def _one_batch_reference(tokenizer, path, policy, ref, **loss_kw):
     batch = collate_pairs(examples, tokenizer.pad_token_id, default_bucket_lengths(MAX_LENGTH))
     batch = {k: batch[k] for k in BATCH_KEYS}
 
-    scores = jax.jit(train_step.paired_token_logprobs, static_argnums=(0, 3))
+    scores = jax.jit(batch_logprobs.paired_token_logprobs, static_argnums=(0, 3))
 
     def sums(model):
         graphdef, params = train_step.split_model(model)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import flux_jax
-from flux_jax import optim
+from flux_jax import batch_logprobs, optim
 from flux_jax import train_step as ts
 from flux_jax.grad_accum import accumulate_gradients, split_microbatches
 from flux_jax.models.qwen.model import build_model
@@ -42,7 +42,7 @@ def test_sequence_logprobs_match_transformers(tmp_path, chunk):
     model = flux_jax.load_pretrained(tmp_path)
     graphdef, params = ts.split_model(model)
     batch = random_pair_batch(3, 14, seed=2)
-    token_logps, _ = ts.paired_token_logprobs(
+    token_logps, _ = batch_logprobs.paired_token_logprobs(
         graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()}, chunk
     )
     ours = np.asarray(token_logps.sum(-1))

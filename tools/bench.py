@@ -4,13 +4,18 @@
     python tools/bench.py --model bigvocab --chunk 0              # unchunked LM head
     python tools/bench.py --model qwen3-8b --dtype bfloat16 --remat full --mesh 1,-1,1  # GPU/TPU
     python tools/bench.py --model tiny --steps 2 --warmup 1      # smoke test (seconds)
+    python tools/bench.py --model moe --moe-impl dense           # Qwen3-MoE: dense vs grouped
+    python tools/bench.py --model moe --mesh 1,1,1,8             # expert parallelism
+    python tools/bench.py --loss simpo --reference none          # a reference-free method
+    python tools/bench.py --loss sigmoid,bco_pair,sft            # MPO: several losses
 
 Models are the presets of flux_jax.models.qwen.presets ("tiny" = "tiny-qwen3", "qwen3-40m",
-"bigvocab", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b", ...). Each pair has a prompt of exactly
---prompt-len tokens and chosen / rejected responses whose lengths are drawn uniformly from
-[response-len / 2, response-len] (the last response token is EOS), right-padded to
-T = prompt-len + response-len, so a realistic share of every batch is padding. Every timed step gets
-a fresh batch; all batches are on the device before timing starts.
+"bigvocab", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b", "moe" = "qwen3-moe-bench", ...). For a MoE
+model the FLOPs (mfu) count the active parameters: the router and each token's top-k experts.
+Each pair has a prompt of exactly --prompt-len tokens and chosen / rejected responses whose
+lengths are drawn uniformly from [response-len / 2, response-len] (the last response token is
+EOS), right-padded to T = prompt-len + response-len, so a realistic share of every batch is
+padding. Every timed step gets a fresh batch; all batches are on the device before timing starts.
 
 What is measured:
   compile_s          lowering + XLA compilation of the train step (AOT, compiled once)
@@ -60,7 +65,13 @@ from typing import Any
 
 import numpy as np
 
-MODEL_ALIASES = {"tiny": "tiny-qwen3", "40m": "qwen3-40m", "0.6b": "qwen3-0.6b", "8b": "qwen3-8b"}
+MODEL_ALIASES = {
+    "tiny": "tiny-qwen3",
+    "40m": "qwen3-40m",
+    "0.6b": "qwen3-0.6b",
+    "8b": "qwen3-8b",
+    "moe": "qwen3-moe-bench",
+}
 
 # Dense bf16 peak TFLOP/s per chip, matched against jax's device_kind (first match wins, so the
 # more specific names come first).
@@ -194,11 +205,14 @@ def row_lengths(pairs: list[dict[str, np.ndarray]]) -> list[int]:
 # Arguments
 
 
-def parse_mesh(text: str) -> tuple[int, int, int]:
+def parse_mesh(text: str) -> tuple[int, int, int, int]:
+    """data,fsdp,tensor[,expert] sizes (expert defaults to 1)."""
     parts = [int(x) for x in text.split(",")]
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"--mesh wants data,fsdp,tensor (e.g. 1,-1,1), got {text}")
-    return parts[0], parts[1], parts[2]
+    if len(parts) not in (3, 4):
+        raise argparse.ArgumentTypeError(
+            f"--mesh wants data,fsdp,tensor[,expert] (e.g. 1,-1,1 or 1,-1,1,8), got {text}"
+        )
+    return parts[0], parts[1], parts[2], parts[3] if len(parts) == 4 else 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -221,10 +235,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the config's); 0 = no cap",
     )
     parser.add_argument("--reference", default="model", choices=["model", "precomputed", "none"])
+    parser.add_argument(
+        "--loss",
+        default="sigmoid",
+        help="algorithm.loss_type: a name or a comma-separated list (MPO). The reference-free "
+        "ones (simpo, cpo, orpo, sft) need --reference none: no reference forward, no weights",
+    )
+    parser.add_argument(
+        "--logits-metrics",
+        default="on",
+        choices=["on", "off"],
+        help="logging.logits_metrics: the LM head's mean logits for logits/chosen|rejected "
+        "(on = the trainer's default)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--mesh", type=parse_mesh, default=(1, -1, 1), help="data,fsdp,tensor")
+    parser.add_argument(
+        "--mesh", type=parse_mesh, default=(1, -1, 1, 1), help="data,fsdp,tensor[,expert]"
+    )
+    parser.add_argument(
+        "--moe-impl",
+        default="auto",
+        choices=["auto", "grouped", "dense"],
+        help="MoE presets (moe = qwen3-moe-bench): model.moe_impl, how the experts run",
+    )
     parser.add_argument(
         "--attention", default="xla", help="xla, cudnn, splash (TPU) or auto, as model.attention"
     )
@@ -347,6 +382,7 @@ def build_params(name: str, args: argparse.Namespace, mesh: Any) -> tuple[Any, A
         attention=args.attention,
         seed=args.seed,
         branch_masks=args.layout != "standard",
+        moe_impl=args.moe_impl,
     )
     return split_model(load_model(BUILTIN_PREFIX + name, options, mesh))
 
@@ -355,7 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from flux_jax import flops, logprobs, optim
+    from flux_jax import dpo, flops, logprobs, optim
     from flux_jax import train_step as ts
     from flux_jax.models.qwen.presets import PRESETS
     from flux_jax.sharding import make_mesh, shard_batch, state_shardings_of
@@ -377,7 +413,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         peak, peak_source = table_peak_flops(jax.devices())
-    mesh = make_mesh(*args.mesh)
+    data, fsdp, tensor, expert = args.mesh
+    mesh = make_mesh(data, fsdp, tensor, expert=expert)
     graphdef, params = build_params(name, args, mesh)
     # The trainer's chunk rule: --chunk, capped at --chunk-mib MiB of logits per device for the
     # rows one device holds in a micro-batch (rows of this layout, not always 2 x pairs).
@@ -395,11 +432,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mesh_shape=mesh.shape,
         vocab_size=cfg.vocab_size,
     )
-    settings = ts.DPOSettings(
-        reference_free=args.reference == "none",
-        logprob_chunk_size=chunk,
-        grad_accum_steps=args.grad_accum,
-    )
+    losses = tuple(name.strip() for name in args.loss.split(","))
+    try:
+        settings = ts.DPOSettings(
+            loss_type=losses[0] if len(losses) == 1 else losses,
+            reference_free=args.reference == "none",
+            logits_metrics=args.logits_metrics == "on",
+            logprob_chunk_size=chunk,
+            grad_accum_steps=args.grad_accum,
+        )
+    except ValueError as e:  # reference_free=true is --reference none here
+        raise SystemExit(f"--loss {args.loss} --reference {args.reference}: {e}") from None
     num_steps = args.warmup + args.steps
     tx = optim.make_optimizer(learning_rate=1e-6, num_steps=num_steps, max_grad_norm=1.0)
     schedule = optim.make_schedule(learning_rate=1e-6, num_steps=num_steps)
@@ -429,7 +472,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ref_precompute_s = statistics.median(times)
         ref_params = None  # the step holds no reference weights, as in FluxTrainer
 
-    state = ts.init_train_state(params, tx)
+    state = ts.init_train_state(params, tx, dpo.initial_loss_state(settings))  # + BCO's state
     del params
     step_fn = ts.make_train_step(
         graphdef, tx, schedule, settings, state_shardings=state_shardings_of(state)
@@ -484,7 +527,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "backend": devices[0].platform,
         "device_kind": devices[0].device_kind,
         "num_devices": len(devices),
-        "mesh": dict(zip(("data", "fsdp", "tensor"), mesh.devices.shape, strict=True)),
+        "mesh": dict(mesh.shape),
+        "moe_impl": args.moe_impl if cfg.is_moe else None,
+        "active_params": cfg.num_active_params() if cfg.is_moe else cfg.num_params(),
         "dtype": args.dtype,
         "remat": args.remat,
         "attention": args.attention,
@@ -493,6 +538,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_mib": args.chunk_mib,
         "head_chunks": head_chunks,
         "reference": args.reference,
+        "loss": args.loss,
+        "logits_metrics": args.logits_metrics,
         "layout": args.layout,
         "pairs_per_row": args.pairs_per_row if args.layout == "packed" else 1,
         "score_window": head_window(args),
@@ -531,12 +578,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from flux_jax.devices import fake_cpu_devices
+
     args = parse_args(argv)
-    if args.cpu_devices:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
-        )
+    fake_cpu_devices(args.cpu_devices)  # before run() starts JAX
     print(json.dumps(run(args), indent=1))
 
 

@@ -27,24 +27,16 @@ from typing import Any
 
 def padding_report(config: Any, path: str, *, batch_multiple: int, steps: int) -> dict[str, Any]:
     from flux_jax.data.batching import real_and_computed_tokens
-    from flux_jax.data.loading import load_preference_examples
     from flux_jax.data.pipeline import pad_token_id
     from flux_jax.model_setup import load_tokenizer
-    from flux_jax.train_batches import batch_plan, token_counts, training_batches
+    from flux_jax.train_batches import one_process_batches
+    from flux_jax.train_data import load_examples
 
     tokenizer = load_tokenizer(config.model_path, config.tokenizer_path)
-    data = config.data
-    examples, stats = load_preference_examples(
-        path,
-        tokenizer,
-        data_format=data.format,
-        max_length=data.max_length,
-        max_prompt_length=data.max_prompt_length,
-        drop_truncated=data.drop_truncated,
+    examples, stats = load_examples(config, tokenizer, path, config.data.format)
+    plan, dataset = one_process_batches(
+        config, examples, pad_id=pad_token_id(tokenizer), batch_multiple=batch_multiple
     )
-    counts = [token_counts(examples)]
-    plan = batch_plan(config, batch_multiple=batch_multiple, counts=counts)
-    dataset = training_batches(examples, plan, pad_id=pad_token_id(tokenizer), counts=counts)
     real = computed = 0
     shapes: collections.Counter[str] = collections.Counter()
     for batch in itertools.islice(dataset, steps):
@@ -52,6 +44,7 @@ def padding_report(config: Any, path: str, *, batch_multiple: int, steps: int) -
         real, computed = real + r, computed + c
         rows_key = "input_ids" if "input_ids" in batch else "chosen_input_ids"
         shapes["x".join(map(str, batch[rows_key].shape))] += 1
+    data = config.data
     return {
         "data": path,
         "pairs": len(examples),

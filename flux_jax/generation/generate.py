@@ -31,7 +31,7 @@ from flux_jax.generation import budget, kv_cache
 from flux_jax.generation.kv_cache import DecoderSpec, KVCache, Params
 from flux_jax.generation.sampling import next_token
 from flux_jax.models.qwen.model import QwenForCausalLM
-from flux_jax.sharding import BATCH_AXES
+from flux_jax.sharding import BATCH_AXES, batch_multiple
 
 MIN_PROMPT_BUCKET = 16
 MIN_EOS_SLOTS = 4
@@ -180,7 +180,7 @@ def eos_array(eos: tuple[int, ...]) -> np.ndarray:
 
 
 def _batch_split(mesh: Mesh, batch: int) -> tuple[str, ...] | None:
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = batch_multiple(mesh)
     return BATCH_AXES if ways > 1 and batch % ways == 0 else None
 
 
