@@ -296,8 +296,9 @@ def test_bench_file_tiny(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
-    for key in ("time_to_first_step_s", "step_time_s", "tokens_per_s"):
+    for key in ("startup_s", "time_to_first_step_s", "step_time_s", "tokens_per_s"):
         assert result[key] > 0, key
+    assert result["startup_s"] <= result["time_to_first_step_s"]
     assert 0 <= result["padded_fraction"] < 1
     assert result["compiles"] >= 1 and result["compiled_shapes"] >= 1
     assert len(result["losses"]) == 3
