@@ -8,12 +8,15 @@ built in fp32 and cast to the compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from flux_jax.models.qwen.weights import kernel_value
 
 Params = dict[str, Any]
 
@@ -30,8 +33,43 @@ def token_matmul(x_BxTxI: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array
     in_shape = x_BxTxI.shape[2:]
     out_shape = kernel.shape[len(in_shape) :]
     x_MxI = x_BxTxI.reshape(batch * seq, math.prod(in_shape))
-    kernel_IxO = kernel.astype(dtype).reshape(math.prod(in_shape), math.prod(out_shape))
+    kernel_IxO = kernel_value(kernel, dtype).reshape(math.prod(in_shape), math.prod(out_shape))
     return (x_MxI @ kernel_IxO).reshape(batch, seq, *out_shape)
+
+
+# The projections LoRA can adapt, in a fixed order: each one's index seeds its own dropout mask.
+ADAPTABLE_PROJECTIONS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterCall:
+    """How one layer applies its LoRA adapters (flux_jax.lora): `scale` (alpha / r), the dropout
+    rate on the adapter input and this layer's dropout key (None: no dropout, as in eval)."""
+
+    scale: float
+    dropout: float = 0.0
+    rng: jax.Array | None = None
+
+
+def project(
+    x_BxTxI: jax.Array, proj: Params, name: str, dtype: Any, adapter: AdapterCall | None
+) -> jax.Array:
+    """`x @ kernel`, plus `scale * ((dropout(x) @ lora_a) @ lora_b)` when the projection carries
+    adapters (PEFT's lora.Linear: an independent dropout mask per adapted projection)."""
+    out = token_matmul(x_BxTxI, proj["kernel"], dtype)
+    if "lora_a" not in proj:
+        return out
+    if adapter is None:
+        raise ValueError(f"{name} carries LoRA adapters but no AdapterCall was given")
+    x_in = x_BxTxI
+    if adapter.rng is not None and adapter.dropout > 0:
+        key = jax.random.fold_in(adapter.rng, ADAPTABLE_PROJECTIONS.index(name))
+        keep = jax.random.bernoulli(key, 1.0 - adapter.dropout, x_BxTxI.shape)
+        x_in = jnp.where(keep, x_BxTxI / (1.0 - adapter.dropout), 0).astype(x_BxTxI.dtype)
+    low_rank_BxTxR = token_matmul(x_in, proj["lora_a"], dtype)
+    return out + adapter.scale * token_matmul(low_rank_BxTxR, proj["lora_b"], dtype)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -160,26 +198,30 @@ def qkv_projections(
     *,
     eps: float,
     dtype: Any,
+    adapter: AdapterCall | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k, v of one layer, biased (Qwen2) or per-head normalised (Qwen3), with RoPE applied."""
 
-    def project(name: str) -> jax.Array:
-        out = token_matmul(h_BxTxD, attn[name]["kernel"], dtype)
+    def qkv(name: str) -> jax.Array:
+        out = project(h_BxTxD, attn[name], name, dtype, adapter)
         if "bias" in attn[name]:
             out = out + attn[name]["bias"].astype(dtype)[None, None]
         return out
 
-    q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+    q, k, v = qkv("q_proj"), qkv("k_proj"), qkv("v_proj")
     if "q_norm" in attn:
         q = rms_norm(q, attn["q_norm"]["scale"], eps)
         k = rms_norm(k, attn["k_norm"]["scale"], eps)
     return apply_rope(q, sin_BxTxH, cos_BxTxH), apply_rope(k, sin_BxTxH, cos_BxTxH), v
 
 
-def swiglu_mlp(mlp: Params, h_BxTxD: jax.Array, dtype: Any) -> jax.Array:
-    gate_BxTxF = token_matmul(h_BxTxD, mlp["gate_proj"]["kernel"], dtype)
-    up_BxTxF = token_matmul(h_BxTxD, mlp["up_proj"]["kernel"], dtype)
-    return token_matmul(jax.nn.silu(gate_BxTxF) * up_BxTxF, mlp["down_proj"]["kernel"], dtype)
+def swiglu_mlp(
+    mlp: Params, h_BxTxD: jax.Array, dtype: Any, adapter: AdapterCall | None = None
+) -> jax.Array:
+    gate_BxTxF = project(h_BxTxD, mlp["gate_proj"], "gate_proj", dtype, adapter)
+    up_BxTxF = project(h_BxTxD, mlp["up_proj"], "up_proj", dtype, adapter)
+    act_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+    return project(act_BxTxF, mlp["down_proj"], "down_proj", dtype, adapter)
 
 
 def layer_qkv(
@@ -190,19 +232,41 @@ def layer_qkv(
     *,
     eps: float,
     dtype: Any,
+    adapter: AdapterCall | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The first half of a layer, up to attention: input norm, then q, k, v with RoPE applied."""
     h = rms_norm(x_BxTxD, layer["input_layernorm"]["scale"], eps)
-    return qkv_projections(layer["self_attn"], h, sin_BxTxH, cos_BxTxH, eps=eps, dtype=dtype)
+    return qkv_projections(
+        layer["self_attn"], h, sin_BxTxH, cos_BxTxH, eps=eps, dtype=dtype, adapter=adapter
+    )
 
 
 def layer_residual_and_mlp(
-    layer: Params, x_BxTxD: jax.Array, attn_BxTxNxH: jax.Array, *, eps: float, dtype: Any
+    layer: Params,
+    x_BxTxD: jax.Array,
+    attn_BxTxNxH: jax.Array,
+    *,
+    eps: float,
+    dtype: Any,
+    adapter: AdapterCall | None = None,
 ) -> jax.Array:
     """The second half of a layer, from the attention output: o_proj + residual, then the MLP."""
-    x_BxTxD = x_BxTxD + token_matmul(attn_BxTxNxH, layer["self_attn"]["o_proj"]["kernel"], dtype)
+    x_BxTxD = attention_residual(layer, x_BxTxD, attn_BxTxNxH, dtype=dtype, adapter=adapter)
     h = rms_norm(x_BxTxD, layer["post_attention_layernorm"]["scale"], eps)
-    return x_BxTxD + swiglu_mlp(layer["mlp"], h, dtype)
+    return x_BxTxD + swiglu_mlp(layer["mlp"], h, dtype, adapter)
+
+
+def attention_residual(
+    layer: Params,
+    x_BxTxD: jax.Array,
+    attn_BxTxNxH: jax.Array,
+    *,
+    dtype: Any,
+    adapter: AdapterCall | None = None,
+) -> jax.Array:
+    """`x + o_proj(attention)`; shared by dense layers and Qwen3-MoE's sparse ones (moe.py)."""
+    o_proj = layer["self_attn"]["o_proj"]
+    return x_BxTxD + project(attn_BxTxNxH, o_proj, "o_proj", dtype, adapter)
 
 
 def decoder_layer(
@@ -214,13 +278,17 @@ def decoder_layer(
     *,
     eps: float,
     dtype: Any,
+    adapter: AdapterCall | None = None,
 ) -> jax.Array:
     """One pre-norm decoder layer over a full sequence (training and prefill).
 
     `attend(q, k, v)` is the attention with its mask bound (`attention_core` over a dense mask, or
     the splash kernel over segment ids). Split in two halves around it so that the KV-cache decoder
     (flux_jax.generation) can write k and v into its cache and attend over the cache instead.
+    `adapter` applies the LoRA adapters the layer's projections carry (model.py puts them there).
     """
-    q, k, v = layer_qkv(layer, x_BxTxD, sin_BxTxH, cos_BxTxH, eps=eps, dtype=dtype)
+    q, k, v = layer_qkv(layer, x_BxTxD, sin_BxTxH, cos_BxTxH, eps=eps, dtype=dtype, adapter=adapter)
     attn_BxTxNxH = attend(q, k, v)
-    return layer_residual_and_mlp(layer, x_BxTxD, attn_BxTxNxH, eps=eps, dtype=dtype)
+    return layer_residual_and_mlp(
+        layer, x_BxTxD, attn_BxTxNxH, eps=eps, dtype=dtype, adapter=adapter
+    )
