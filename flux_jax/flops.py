@@ -12,6 +12,8 @@ H, MLP width F, vocabulary V):
     per token, per layer:   2*D*(N*H + 2*K*H)   q, k, v projections
                           + 2*N*H*D             output projection
                           + 2*3*D*F             SwiGLU gate, up, down
+                            (Qwen3-MoE sparse layer: 2*D*E router + k*2*3*D*F_moe, the k routed
+                            experts only: MFU on active parameters)
     per (query, key) pair, per layer:  4*N*H    q.k scores (2*N*H) and the weighted sum of v (2*N*H)
     per token:              2*D*V               LM head
 
@@ -47,7 +49,8 @@ REMAT_MODES = ("none", "full", "dots")
 
 
 def layer_flops_per_token(cfg: QwenConfig) -> int:
-    """Projection and MLP matmul FLOPs of one token through all layers (forward)."""
+    """Projection and MLP matmul FLOPs of one token through all layers (forward); a sparse
+    layer counts its router and the token's top-k experts (the grouped path's work)."""
     d, n, k, h, f = (
         cfg.hidden_size,
         cfg.num_attention_heads,
@@ -55,8 +58,26 @@ def layer_flops_per_token(cfg: QwenConfig) -> int:
         cfg.head_dim,
         cfg.intermediate_size,
     )
-    per_layer = 2 * d * (n * h + 2 * k * h) + 2 * n * h * d + 2 * 3 * d * f
-    return cfg.num_hidden_layers * per_layer
+    attention = 2 * d * (n * h + 2 * k * h) + 2 * n * h * d
+    sparse = sum(cfg.sparse_layers)
+    routed = (
+        2 * d * cfg.num_experts + cfg.num_experts_per_tok * 2 * 3 * d * cfg.moe_intermediate_size
+    )
+    dense_mlp = 2 * 3 * d * f
+    return (
+        cfg.num_hidden_layers * attention
+        + (cfg.num_hidden_layers - sparse) * dense_mlp
+        + (sparse * routed)
+    )
+
+
+def down_proj_flops_per_token(cfg: QwenConfig) -> int:
+    """The MLP down projections' share of `layer_flops_per_token` (remat "full" skips them)."""
+    sparse = sum(cfg.sparse_layers)
+    dense = (cfg.num_hidden_layers - sparse) * 2 * cfg.intermediate_size * cfg.hidden_size
+    return (
+        dense + sparse * cfg.num_experts_per_tok * 2 * cfg.moe_intermediate_size * cfg.hidden_size
+    )
 
 
 def attention_flops_per_pair(cfg: QwenConfig) -> int:
@@ -136,7 +157,7 @@ def dpo_step_flops(
     head = (
         rows * (t - 1 if head_positions is None else head_positions) * lm_head_flops_per_token(cfg)
     )
-    down_proj = rows * t * cfg.num_hidden_layers * 2 * cfg.intermediate_size * cfg.hidden_size
+    down_proj = rows * t * down_proj_flops_per_token(cfg)
     remat_extra = {"none": 0, "full": layers - down_proj + attention, "dots": attention}[remat]
     head_passes = 3 if head_chunks <= 1 else 4
     hardware = 3 * (layers + attention) + head_passes * head + remat_extra

@@ -27,8 +27,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# The batch is also split over `expert`: outside the sparse blocks that axis is one more data
+# axis (non-expert weights are whole on each of its shards), as in MaxText. It comes first
+# (major): the sparse block's shard_map splits tokens over `expert` first and leaves data x fsdp
+# to GSPMD inside, so the rows each device holds are the same inside and outside (with
+# `expert` last, GSPMD had to rematerialise whole activations between the two layouts).
+BATCH_AXES = ("expert", "data", "fsdp")
 
 LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "vocab": "tensor",
@@ -38,15 +43,20 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "head_dim": None,
     "layers": None,
+    "expert": "expert",  # Qwen3-MoE expert kernels [L, E, ...]: models/qwen/expert_parallel.py
 }
 
 
-def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-    """Mesh axis sizes with at most one -1 replaced by the devices left over."""
-    sizes = [data, fsdp, tensor]
+def resolve_mesh_shape(
+    data: int, fsdp: int, tensor: int, num_devices: int, expert: int = 1
+) -> tuple[int, int, int, int]:
+    """Mesh axis sizes (data, fsdp, tensor, expert) with at most one -1 replaced by the devices
+    left over."""
+    sizes = [data, fsdp, tensor, expert]
     if sizes.count(-1) > 1:
         raise ValueError(
-            f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+            f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor} "
+            f"expert={expert}"
         )
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh: sizes must be positive or -1, got {sizes}")
@@ -59,21 +69,26 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ValueError(
-            f"mesh: data x fsdp x tensor = {sizes[0]} x {sizes[1]} x {sizes[2]} = "
-            f"{math.prod(sizes)}, but there are {num_devices} devices"
+            f"mesh: data x fsdp x tensor x expert = {sizes[0]} x {sizes[1]} x {sizes[2]} x "
+            f"{sizes[3]} = {math.prod(sizes)}, but there are {num_devices} devices"
         )
-    return sizes[0], sizes[1], sizes[2]
+    return sizes[0], sizes[1], sizes[2], sizes[3]
 
 
 def make_mesh(
-    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    devices: Sequence[Any] | None = None,
+    expert: int = 1,
 ) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    """A (data, fsdp, tensor, expert) mesh over `devices` (default: all devices of all
+    processes). `expert` > 1 splits Qwen3-MoE experts (models/qwen/expert_parallel.py)."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices), expert)
     # Auto axis types: GSPMD propagates shardings from the annotated inputs and parameters.
     return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+        shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
     )
 
 
@@ -142,8 +157,8 @@ def to_host(x: Any) -> np.ndarray:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over data x fsdp; every other axis whole."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    """Leading (batch) axis split over data x fsdp x expert; every other axis whole."""
+    return NamedSharding(mesh, PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.shape)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -152,7 +167,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def mesh_from_config(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
-    """The mesh of a config's `mesh` section: {data, fsdp, tensor} sizes, -1 = the devices left.
+    """The mesh of a config's `mesh` section: {data, fsdp, tensor, expert} sizes, -1 = the
+    devices left.
 
     `mesh_cfg` is FluxConfig's `config.mesh` or any mapping/object with those keys (a missing key
     takes FluxConfig's default: data 1, fsdp -1, tensor 1). Devices default to every device of
@@ -164,16 +180,18 @@ def mesh_from_config(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mes
             return int(mesh_cfg.get(name, default))
         return int(getattr(mesh_cfg, name, default))
 
-    return make_mesh(size("data", 1), size("fsdp", -1), size("tensor", 1), devices=devices)
+    sizes = size("data", 1), size("fsdp", -1), size("tensor", 1)
+    return make_mesh(*sizes, devices=devices, expert=size("expert", 1))
 
 
 def batch_multiple(mesh: Mesh | Mapping[str, int]) -> int:
-    """How many ways a batch is split (data x fsdp): batch sizes must be multiples of it.
+    """How many ways a batch is split (data x fsdp x expert): batch sizes must be multiples of it.
 
-    `mesh` is a Mesh (or AbstractMesh) or its shape, a mapping of axis name to size.
+    `mesh` is a Mesh (or AbstractMesh) or its shape, a mapping of axis name to size (an axis it
+    lacks counts as 1).
     """
     shape = mesh if isinstance(mesh, Mapping) else mesh.shape
-    return math.prod(shape[axis] for axis in BATCH_AXES)
+    return math.prod(shape.get(axis, 1) for axis in BATCH_AXES)
 
 
 def shard_batch(
@@ -199,12 +217,13 @@ def shard_batch(
 
 
 def weight_shard_factor(mesh: Mesh | Mapping[str, int]) -> int:
-    """How many ways the weights are split: fsdp x tensor (the data axis holds replicas).
+    """How many ways the weights are split: fsdp x tensor (the data axis holds replicas, and so
+    does `expert` for every weight but the expert kernels, which it splits further).
 
     `mesh` is a Mesh (or AbstractMesh) or its shape, a mapping of axis name to size.
     """
     shape = mesh if isinstance(mesh, Mapping) else mesh.shape
-    return math.prod(size for name, size in shape.items() if name != "data")
+    return math.prod(size for name, size in shape.items() if name not in ("data", "expert"))
 
 
 def opt_state_shardings(tx: Any, params: Any) -> Any | None:

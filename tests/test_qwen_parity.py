@@ -143,8 +143,11 @@ def test_broken_checkpoint_lists_every_problem(tmp_path):
 def test_empty_dir_and_bad_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         flux_jax.load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_moe"}))
+    with pytest.raises(UnsupportedConfigError, match="qwen2_moe"):
+        flux_jax.load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
-    with pytest.raises(UnsupportedConfigError, match="qwen3_moe"):
+    with pytest.raises(UnsupportedConfigError, match="missing required keys vocab_size"):
         flux_jax.load_pretrained(tmp_path)
 
 

@@ -75,7 +75,7 @@ def test_sharded_step_matches_single_device_and_plan(single_device, mesh_shape):
     ref_params = shard_params_like(host_ref, mesh)
     batch = sh.shard_batch(host_batch, mesh)
     q = params["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert q.sharding.mesh.shape == dict(zip(sh.MESH_AXES, mesh_shape, strict=True))
+    assert q.sharding.mesh.shape == dict(zip(sh.MESH_AXES, (*mesh_shape, 1), strict=True))
 
     loss, grads = _loss_and_grads(graphdef, params, batch, ref_params)
     worst = max(
@@ -177,11 +177,17 @@ def test_mesh_from_config():
     from flux_jax.config import FluxConfig
 
     config = FluxConfig.default()
-    assert dict(sh.mesh_from_config(config.mesh).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+
+    def shape(mesh_cfg):
+        return tuple(sh.mesh_from_config(mesh_cfg).shape.values())  # data, fsdp, tensor, expert
+
+    assert shape(config.mesh) == (1, 8, 1, 1)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, -1, 2
-    assert dict(sh.mesh_from_config(config.mesh).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert shape(config.mesh) == (2, 2, 2, 1)
     mesh = sh.mesh_from_config({"data": -1, "fsdp": 2}, devices=jax.devices()[:4])
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1, "expert": 1}
+    config.mesh.data, config.mesh.tensor, config.mesh.expert = 1, 1, 4
+    assert shape(config.mesh) == (1, 2, 1, 4)
     with pytest.raises(ValueError, match="8 devices"):
         sh.mesh_from_config({"data": 3, "fsdp": 1, "tensor": 1})
 
@@ -193,6 +199,9 @@ def test_batch_multiple_and_weight_shard_factor_of_a_mesh_or_its_shape():
     assert sh.batch_multiple({"data": 8, "fsdp": 1, "tensor": 1}) == 8
     assert sh.weight_shard_factor(mesh) == 4 == sh.weight_shard_factor(dict(mesh.shape))
     assert sh.weight_shard_factor({"data": 8, "fsdp": 1, "tensor": 1}) == 1
+    # `expert` splits the batch like a data axis; only the expert kernels are split over it.
+    expert = sh.make_mesh(1, 2, 1, expert=4)
+    assert sh.batch_multiple(expert) == 8 and sh.weight_shard_factor(expert) == 2
     # The batch splits as batch_sharding places it: one block per data x fsdp device group.
     host = {"x": np.arange(8 * 3).reshape(8, 3)}
     x = sh.shard_batch(host, mesh)["x"]

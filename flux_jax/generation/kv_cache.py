@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flux_jax.models.qwen import layer_stack, moe
 from flux_jax.models.qwen import layers as qwen_layers
 from flux_jax.models.qwen.model import SPLASH_IMPLS, QwenForCausalLM
 
@@ -41,6 +42,9 @@ class DecoderSpec:
     tie_word_embeddings: bool
     compute_dtype: Any
     attention_impl: str | None
+    # Qwen3-MoE: which layers are sparse, and how they route (None for a dense model).
+    sparse_layers: tuple[bool, ...] = ()
+    moe: moe.MoeSpec | None = None
 
     @classmethod
     def of(cls, model: QwenForCausalLM) -> DecoderSpec:
@@ -56,6 +60,8 @@ class DecoderSpec:
             tie_word_embeddings=bool(cfg.tie_word_embeddings),
             compute_dtype=jnp.dtype(model.compute_dtype),
             attention_impl=impl,
+            sparse_layers=cfg.sparse_layers,
+            moe=model.moe_spec,
         )
 
 
@@ -123,8 +129,8 @@ def forward_cached(
     x_BxTxD = jnp.take(params["embed"], input_ids_BxT, axis=0).astype(dtype)
     zero = jnp.zeros((), jnp.int32)
 
-    def layer_step(x_BxTxD, xs):
-        layer, k_cache_BxSxKxH, v_cache_BxSxKxH = xs
+    def layer_step(x_BxTxD, layer, cache_slices, run):
+        k_cache_BxSxKxH, v_cache_BxSxKxH = cache_slices
         q, k, v = qwen_layers.layer_qkv(layer, x_BxTxD, sin, cos, eps=eps, dtype=dtype)
         at = (zero, start, zero, zero)
         k_cache_BxSxKxH = jax.lax.dynamic_update_slice(
@@ -136,14 +142,22 @@ def forward_cached(
         attn_BxTxNxH = qwen_layers.attention_core(
             q, k_cache_BxSxKxH, v_cache_BxSxKxH, mask_Bx1xTxS, spec.attention_impl
         )
-        x_BxTxD = qwen_layers.layer_residual_and_mlp(
-            layer, x_BxTxD, attn_BxTxNxH, eps=eps, dtype=dtype
-        )
+        if run.sparse:
+            x_BxTxD, _ = moe.layer_residual_and_moe(
+                layer, x_BxTxD, attn_BxTxNxH, eps=eps, spec=spec.moe, dtype=dtype
+            )
+        else:
+            x_BxTxD = qwen_layers.layer_residual_and_mlp(
+                layer, x_BxTxD, attn_BxTxNxH, eps=eps, dtype=dtype
+            )
         return x_BxTxD, (k_cache_BxSxKxH, v_cache_BxSxKxH)
 
-    x_BxTxD, (k_LxBxSxKxH, v_LxBxSxKxH) = jax.lax.scan(
-        layer_step, x_BxTxD, (params["layers"], cache["k"], cache["v"])
+    num_layers = cache["k"].shape[0]
+    runs = layer_stack.layer_runs(spec.sparse_layers or (False,) * num_layers)
+    x_BxTxD, outputs = layer_stack.scan_runs(
+        layer_step, x_BxTxD, params["layers"], runs, per_layer=(cache["k"], cache["v"])
     )
+    k_LxBxSxKxH, v_LxBxSxKxH = layer_stack.concat_runs(outputs, runs, sparse_only=False)
     hidden_BxTxD = qwen_layers.rms_norm(x_BxTxD, params["norm"], eps)
     return hidden_BxTxD, {"k": k_LxBxSxKxH, "v": v_LxBxSxKxH}
 

@@ -1,9 +1,11 @@
 """QwenConfig: the shape of a dense Qwen2 / Qwen2.5 / Qwen3 decoder, and its HF config.json.
 
 Qwen2 and Qwen2.5 put biases on the q/k/v projections and have no q/k norm; dense Qwen3 drops the
-biases and adds an RMSNorm over each head of q and k. Everything else is shared. Settings we do not
-implement (sliding-window attention switched on, rope scaling, MoE) are refused by name instead of
-being silently ignored, because a model that loads but computes something else is the worst outcome.
+biases and adds an RMSNorm over each head of q and k. Qwen3-MoE ("qwen3_moe") is Qwen3 attention
+with a routed mixture of SwiGLU experts in place of the MLP in its sparse layers (`sparse_layers`).
+Everything else is shared. Settings we do not implement (sliding-window attention switched on, rope
+scaling, Qwen2-MoE's shared expert) are refused by name instead of being silently ignored, because
+a model that loads but computes something else is the worst outcome.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 
 
 class UnsupportedConfigError(ValueError):
@@ -41,6 +43,14 @@ class QwenConfig:
     pad_token_id: int | None = None
     # The dtype the checkpoint was saved in ("bfloat16" for released Qwen weights); export default.
     torch_dtype: str = "float32"
+    # Mixture of experts (model_type "qwen3_moe"; HF's Qwen3MoeConfig names). num_experts 0 = dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    decoder_sparse_step: int = 1  # layer i is sparse iff (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
+    router_aux_loss_coef: float = 0.001
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -55,6 +65,31 @@ class QwenConfig:
             )
         if self.head_dim % 2:
             raise UnsupportedConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.model_type == "qwen3_moe":
+            self._check_moe()
+        elif self.num_experts:
+            raise UnsupportedConfigError(
+                f"num_experts={self.num_experts} with model_type {self.model_type!r}: "
+                "mixture-of-experts layers are only implemented for qwen3_moe"
+            )
+
+    def _check_moe(self) -> None:
+        problems = []
+        if self.num_experts < 1:
+            problems.append(f"num_experts={self.num_experts} must be >= 1")
+        if not 1 <= self.num_experts_per_tok <= max(self.num_experts, 1):
+            problems.append(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts]"
+            )
+        if self.moe_intermediate_size < 1:
+            problems.append(f"moe_intermediate_size={self.moe_intermediate_size} must be >= 1")
+        if self.decoder_sparse_step < 1:
+            problems.append(f"decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            problems.append(f"mlp_only_layers {bad} are not in [0, {self.num_hidden_layers})")
+        if problems:
+            raise UnsupportedConfigError("qwen3_moe: " + "; ".join(problems))
 
     @property
     def qkv_bias(self) -> bool:
@@ -62,7 +97,21 @@ class QwenConfig:
 
     @property
     def qk_norm(self) -> bool:
-        return self.model_type == "qwen3"
+        return self.model_type in ("qwen3", "qwen3_moe")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether its MLP is the routed mixture of experts (transformers' rule)."""
+        return tuple(
+            self.is_moe
+            and i not in self.mlp_only_layers
+            and (i + 1) % self.decoder_sparse_step == 0
+            for i in range(self.num_hidden_layers)
+        )
 
     def num_params(self) -> int:
         """Parameter count, with the LM head counted once if tied."""
@@ -78,9 +127,23 @@ class QwenConfig:
             attn += h * hd + 2 * k * hd
         if self.qk_norm:
             attn += 2 * hd
-        layer = attn + 3 * d * f + 2 * d
+        sparse = sum(self.sparse_layers)
+        dense_mlp = 3 * d * f
+        moe = self.num_experts * (3 * d * self.moe_intermediate_size + d)  # experts + router
+        layers = self.num_hidden_layers * (attn + 2 * d)
+        layers += (self.num_hidden_layers - sparse) * dense_mlp + sparse * moe
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * layer + embed + d
+        return layers + embed + d
+
+    def num_active_params(self) -> int:
+        """Parameters a token passes through: only its top-k experts (and the router) count.
+
+        The embedding is a lookup, but counted as num_params counts it, so that a dense model's
+        active count equals its num_params.
+        """
+        sparse = sum(self.sparse_layers)
+        idle = self.num_experts - self.num_experts_per_tok
+        return self.num_params() - sparse * idle * 3 * self.hidden_size * self.moe_intermediate_size
 
     # ----------------------------------------------------------------------------------------
     # HF config.json conversion
@@ -97,14 +160,21 @@ class QwenConfig:
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedConfigError(
-                f"model_type {model_type!r} is not supported (MoE and multimodal Qwen variants are "
-                f"not implemented); supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"model_type {model_type!r} is not supported (Qwen2-MoE and multimodal Qwen "
+                f"variants are not implemented); supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         _refuse_unsupported(hf)
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+        missing = [k for k in (*required, "num_attention_heads") if hf.get(k) is None]
+        if missing:
+            raise UnsupportedConfigError(
+                f"model_type {model_type!r}: missing required keys {', '.join(missing)}"
+            )
         heads = hf["num_attention_heads"]
         rope_theta = effective_rope_parameters(hf).get("rope_theta", hf.get("rope_theta", 10_000.0))
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        moe = _moe_fields(hf) if model_type == "qwen3_moe" else {}
         return cls(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
@@ -122,6 +192,7 @@ class QwenConfig:
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
             torch_dtype=str(dtype).replace("torch.", ""),
+            **moe,
         )
 
     @classmethod
@@ -141,7 +212,11 @@ class QwenConfig:
 
     def to_hf_config(self, dtype: str | None = None) -> dict[str, Any]:
         """The config.json dict transformers 5.x writes for this architecture."""
-        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+        arch = {
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM",
+        }[self.model_type]
         hf: dict[str, Any] = {
             "architectures": [arch],
             "model_type": self.model_type,
@@ -166,8 +241,19 @@ class QwenConfig:
             "initializer_range": 0.02,
             "dtype": dtype or self.torch_dtype,
         }
-        if self.model_type == "qwen3":
+        if self.model_type in ("qwen3", "qwen3_moe"):
             hf["attention_bias"] = False
+        if self.model_type == "qwen3_moe":
+            hf.update(
+                num_experts=self.num_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                moe_intermediate_size=self.moe_intermediate_size,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=self.decoder_sparse_step,
+                mlp_only_layers=list(self.mlp_only_layers),
+                router_aux_loss_coef=self.router_aux_loss_coef,
+                output_router_logits=False,
+            )
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self, key) is not None:
                 hf[key] = getattr(self, key)
@@ -189,12 +275,35 @@ def _refuse_unsupported(hf: dict[str, Any]) -> None:
     problems += _rope_problems(hf)
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r} is not implemented (only 'silu')")
-    if hf.get("model_type") == "qwen3" and hf.get("attention_bias"):
-        problems.append("attention_bias=True for qwen3 is not implemented")
-    if hf.get("num_experts") or hf.get("num_local_experts"):
-        problems.append("mixture-of-experts layers (num_experts) are not implemented")
+    model_type = hf.get("model_type")
+    if model_type in ("qwen3", "qwen3_moe") and hf.get("attention_bias"):
+        problems.append(f"attention_bias=True for {model_type} is not implemented")
+    if model_type != "qwen3_moe" and (hf.get("num_experts") or hf.get("num_local_experts")):
+        problems.append(
+            f"mixture-of-experts layers (num_experts) with model_type {model_type!r} are not "
+            "implemented (only qwen3_moe)"
+        )
+    if model_type == "qwen3_moe" and hf.get("shared_expert_intermediate_size"):
+        problems.append("a shared expert (shared_expert_intermediate_size) is not implemented")
     if problems:
         raise UnsupportedConfigError("unsupported config: " + "; ".join(problems))
+
+
+def _moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """QwenConfig's MoE fields from a qwen3_moe config.json, with transformers' defaults.
+
+    transformers 5 writes the expert count as `num_local_experts` (an alias); released
+    checkpoints write `num_experts`. `output_router_logits` is a forward option, ignored here.
+    """
+    return {
+        "num_experts": int(hf.get("num_experts") or hf.get("num_local_experts") or 128),
+        "num_experts_per_tok": int(hf.get("num_experts_per_tok", 8)),
+        "moe_intermediate_size": int(hf.get("moe_intermediate_size", 768)),
+        "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        "decoder_sparse_step": int(hf.get("decoder_sparse_step", 1)),
+        "mlp_only_layers": tuple(int(i) for i in hf.get("mlp_only_layers") or ()),
+        "router_aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
+    }
 
 
 def effective_rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:

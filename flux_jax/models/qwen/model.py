@@ -3,22 +3,27 @@
 Every layer's parameters are stored stacked along a leading `layers` axis and applied with
 `jax.lax.scan`, so compile time does not grow with depth. Parameter paths mirror HF's module names
 (`layers/self_attn/q_proj/kernel`), which keeps the weight table in params.py short. Every
-parameter carries `logical_axes` metadata (vocab, embed, heads, kv_heads, head_dim, mlp, layers)
-that sharding.py maps onto a device mesh.
+parameter carries `logical_axes` metadata (vocab, embed, heads, kv_heads, head_dim, mlp, layers,
+expert) that sharding.py maps onto a device mesh. Qwen3-MoE's sparse blocks are stacked over the
+sparse layers (`layers/moe/...`) and the dense MLPs over the dense ones; layer_stack.py scans runs
+of one kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flux_jax.models.qwen import layer_stack, moe, splash
 from flux_jax.models.qwen import layers as qwen_layers
-from flux_jax.models.qwen import splash
 from flux_jax.models.qwen.config import QwenConfig
+
+if TYPE_CHECKING:
+    from flux_jax.lora import ActiveAdapters
 
 # Attention implementations served by the splash kernel rather than `layers.attention_core`.
 SPLASH_IMPLS = ("splash", "splash_interpret")
@@ -93,22 +98,50 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: QwenConfig, *, dtype, rngs):
-        L, D, F = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    """The dense SwiGLU MLPs, stacked over the L dense layers."""
+
+    def __init__(self, cfg: QwenConfig, L: int, *, dtype, rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = Projection((L, D, F), ("layers", "embed", "mlp"), dtype=dtype, rngs=rngs)
         self.up_proj = Projection((L, D, F), ("layers", "embed", "mlp"), dtype=dtype, rngs=rngs)
         self.down_proj = Projection((L, F, D), ("layers", "mlp", "embed"), dtype=dtype, rngs=rngs)
 
 
+class Experts(nnx.Module):
+    """The routed SwiGLU experts of the L sparse layers: [L, E, ...] kernels."""
+
+    def __init__(self, cfg: QwenConfig, L: int, *, dtype, rngs):
+        E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        in_axes = ("layers", "expert", "embed", "mlp")
+        out_axes = ("layers", "expert", "mlp", "embed")
+        self.gate_proj = Projection((L, E, D, F), in_axes, dtype=dtype, rngs=rngs)
+        self.up_proj = Projection((L, E, D, F), in_axes, dtype=dtype, rngs=rngs)
+        self.down_proj = Projection((L, E, F, D), out_axes, dtype=dtype, rngs=rngs)
+
+
+class SparseMoe(nnx.Module):
+    """Qwen3-MoE's sparse block over the L sparse layers: a router (HF `mlp.gate`), the experts."""
+
+    def __init__(self, cfg: QwenConfig, L: int, *, dtype, rngs):
+        shape = (L, cfg.hidden_size, cfg.num_experts)
+        self.router = Projection(shape, ("layers", "embed", None), dtype=dtype, rngs=rngs)
+        self.experts = Experts(cfg, L, dtype=dtype, rngs=rngs)
+
+
 class DecoderLayers(nnx.Module):
-    """All decoder layers, each parameter stacked along a leading `layers` axis."""
+    """All decoder layers, each parameter stacked along a leading `layers` axis: attention and
+    norms over every layer, `mlp` over the dense layers, `moe` over the sparse ones."""
 
     def __init__(self, cfg: QwenConfig, *, dtype, rngs):
         L, D = cfg.num_hidden_layers, cfg.hidden_size
         self.input_layernorm = RMSNorm((L, D), ("layers", "embed"), dtype=dtype)
         self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm((L, D), ("layers", "embed"), dtype=dtype)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        sparse = sum(cfg.sparse_layers)
+        if L - sparse:
+            self.mlp = MLP(cfg, L - sparse, dtype=dtype, rngs=rngs)
+        if sparse:
+            self.moe = SparseMoe(cfg, sparse, dtype=dtype, rngs=rngs)
 
 
 class Embedding(nnx.Module):
@@ -130,6 +163,9 @@ class QwenForCausalLM(nnx.Module):
       activation_sharding: where the [B, T, D] hidden states live between layers, e.g.
         `sharding.batch_sharding(mesh)` (batch over data x fsdp). None leaves it to GSPMD, which
         under FSDP may gather the whole batch onto every device instead of gathering the weights.
+        Its mesh's `expert` axis, if > 1, splits the experts (models/qwen/expert_parallel.py).
+      moe_impl: how a Qwen3-MoE model runs its experts: "dense" (every expert on every token, the
+        reference), "grouped" (jax.lax.ragged_dot over the routed tokens) or "auto" (= grouped).
     """
 
     def __init__(
@@ -141,6 +177,7 @@ class QwenForCausalLM(nnx.Module):
         remat: str = "none",
         attention_impl: str | None = "xla",
         activation_sharding: jax.sharding.Sharding | None = None,
+        moe_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         if remat not in REMAT_POLICIES:
@@ -150,6 +187,10 @@ class QwenForCausalLM(nnx.Module):
         self.remat = remat
         self.attention_impl = attention_impl
         self.activation_sharding = activation_sharding
+        # The experts follow the activations' mesh: an `expert` axis > 1 splits them over it.
+        self.moe_spec = moe.moe_spec_of(
+            config, moe_impl, mesh=getattr(activation_sharding, "mesh", None)
+        )
         self.embed_tokens = Embedding(
             config.vocab_size, config.hidden_size, dtype=param_dtype, rngs=rngs
         )
@@ -205,7 +246,9 @@ class QwenForCausalLM(nnx.Module):
         branch_ids_BxT: jax.Array | None = None,
         return_hidden: bool = False,
         return_layer_outputs: bool = False,
-    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        return_router_logits: bool = False,
+        lora: ActiveAdapters | None = None,
+    ) -> jax.Array | tuple[jax.Array, ...]:
         """Logits [B, T, V] in fp32, or the final normed hidden states [B, T, D].
 
         Attention is causal within segments: pass `segment_ids_BxT` (0 = padding; packed rows use
@@ -216,6 +259,10 @@ class QwenForCausalLM(nnx.Module):
         prompt, never to each other. Positions must then restart at the prompt length for the
         rejected branch (see flux_jax.data.packing).
         `return_layer_outputs` also returns every layer's output [L, B, T, D] (for parity checks).
+        `return_router_logits` (MoE models only) also returns the sparse layers' router logits
+        [L_sparse, B, T, E] in the compute dtype, last in the tuple (for the load-balancing loss).
+        `lora` (flux_jax.lora.ActiveAdapters) adds the LoRA adapter path to the projections it
+        targets, with dropout when it carries a dropout key; None is the plain (base) model.
         """
         cfg = self.config
         dtype = self.compute_dtype
@@ -237,18 +284,48 @@ class QwenForCausalLM(nnx.Module):
         sin, cos = qwen_layers.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, dtype)
         attend = self._attention(segment_ids_BxT, branch_ids_BxT)
 
-        def layer_step(x, layer_params):
-            x = qwen_layers.decoder_layer(
-                layer_params, x, sin, cos, attend, eps=cfg.rms_norm_eps, dtype=dtype
-            )
+        if return_router_logits and self.moe_spec is None:
+            raise ValueError("return_router_logits=True: this model has no mixture-of-experts")
+        eps = cfg.rms_norm_eps
+
+        def layer_step(x, layer_params, dropout_key, run):
+            adapter = None
+            if lora is not None:
+                settings = lora.settings
+                adapter = qwen_layers.AdapterCall(settings.scale, settings.dropout, dropout_key)
+            router_logits = None
+            if run.sparse:
+                q, k, v = qwen_layers.layer_qkv(
+                    layer_params, x, sin, cos, eps=eps, dtype=dtype, adapter=adapter
+                )
+                x, router_logits = moe.layer_residual_and_moe(
+                    layer_params, x, attend(q, k, v), eps=eps, spec=self.moe_spec, dtype=dtype
+                )
+            else:
+                x = qwen_layers.decoder_layer(
+                    layer_params, x, sin, cos, attend, eps=eps, dtype=dtype, adapter=adapter
+                )
             x = self._constrain(x)
-            return x, (x if return_layer_outputs else None)
+            return x, (x if return_layer_outputs else None, router_logits)
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
-            layer_step = jax.checkpoint(layer_step, policy=policy, prevent_cse=False)
+            layer_step = jax.checkpoint(
+                layer_step, policy=policy, prevent_cse=False, static_argnums=(3,)
+            )
         stacked = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
-        x_BxTxD, layer_outputs_LxBxTxD = jax.lax.scan(layer_step, x_BxTxD, stacked)
+        dropout_keys_L = None
+        if lora is not None:
+            stacked = _with_adapters(stacked, lora.adapters["layers"])
+            if lora.dropout_rng is not None and lora.settings.dropout > 0:
+                dropout_keys_L = jax.random.split(lora.dropout_rng, cfg.num_hidden_layers)
+        runs = layer_stack.layer_runs(cfg.sparse_layers)
+        x_BxTxD, outputs = layer_stack.scan_runs(
+            layer_step, x_BxTxD, stacked, runs, per_layer=dropout_keys_L
+        )
+        layer_outputs_LxBxTxD = layer_stack.concat_runs(
+            [ys[0] for ys in outputs], runs, sparse_only=False
+        )
         hidden_BxTxD = qwen_layers.rms_norm(x_BxTxD, self.norm.scale.get_value(), cfg.rms_norm_eps)
         if return_hidden:
             out = hidden_BxTxD
@@ -259,7 +336,10 @@ class QwenForCausalLM(nnx.Module):
                 self.lm_head_weight().astype(dtype),
                 preferred_element_type=jnp.float32,
             )
-        return (out, layer_outputs_LxBxTxD) if return_layer_outputs else out
+        extra = (layer_outputs_LxBxTxD,) if return_layer_outputs else ()
+        if return_router_logits:
+            extra += (layer_stack.concat_runs([ys[1] for ys in outputs], runs, sparse_only=True),)
+        return (out, *extra) if extra else out
 
     def _constrain(self, x_BxTxD: jax.Array) -> jax.Array:
         if self.activation_sharding is None:
@@ -271,6 +351,19 @@ class QwenForCausalLM(nnx.Module):
         return jax.lax.with_sharding_constraint(x_BxTxD, self.activation_sharding)
 
 
+def _with_adapters(stacked: dict[str, Any], adapters: dict[str, Any]) -> dict[str, Any]:
+    """The stacked layer parameters with each LoRA pair beside its kernel
+    (`self_attn/q_proj/{kernel, lora_a, lora_b}`), so the layer scan slices both together."""
+    out = dict(stacked)
+    for group, projections in adapters.items():
+        out[group] = dict(out.get(group, {}))
+        for name, pair in projections.items():
+            if name not in out[group]:
+                raise ValueError(f"LoRA adapters for layers/{group}/{name}: no such projection")
+            out[group][name] = {**out[group][name], **pair}
+    return out
+
+
 def build_model(
     config: QwenConfig,
     *,
@@ -280,6 +373,7 @@ def build_model(
     remat: str = "none",
     attention_impl: str | None = "xla",
     activation_sharding: jax.sharding.Sharding | None = None,
+    moe_impl: str = "auto",
     abstract: bool = False,
 ) -> QwenForCausalLM:
     """A random model, or (abstract=True) one whose parameters are ShapeDtypeStructs."""
@@ -292,6 +386,7 @@ def build_model(
             remat=remat,
             attention_impl=attention_impl,
             activation_sharding=activation_sharding,
+            moe_impl=moe_impl,
             rngs=nnx.Rngs(seed),
         )
 

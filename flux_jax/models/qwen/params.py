@@ -5,6 +5,11 @@ split out ([D, N, H] for q/k/v, [N, H, D] for o) and every layer stacked along a
 entry below says how one HF tensor maps onto (one layer of) one of our parameters. `hf_index_for`
 translates a slice of our parameter into the slice of the HF tensor that holds it, so that a
 process only reads the bytes its devices own.
+
+Qwen3-MoE: HF stores one tensor per expert (`mlp.experts.{e}.gate_proj.weight`, on disk as
+transformers 5 writes and reads it); we stack them into [L_sparse, E, ...] kernels. Dense MLPs and
+sparse blocks are stacked over their own layers, so each stacked entry lists the HF layer index of
+each position of its leading axis (`layer_ids`).
 """
 
 from __future__ import annotations
@@ -25,10 +30,33 @@ HEADS_BIAS = "heads_bias"  # HF [N*H] -> ours [N, H]
 
 @dataclasses.dataclass(frozen=True)
 class WeightEntry:
-    hf_name: str  # with "{i}" for the layer index when stacked
+    hf_name: str  # with "{i}" for the layer index when stacked, "{e}" for the expert index
     path: tuple[str, ...]  # our parameter path in the model's state
     layout: str
     stacked: bool
+    layer_ids: tuple[int, ...] = ()  # stacked: the HF layer index of each position of our axis 0
+    num_experts: int = 0  # > 0: our next axis is the expert axis, one HF tensor per expert
+
+    @property
+    def lead_dims(self) -> int:
+        """How many leading axes of our parameter index separate HF tensors (layer, expert)."""
+        return int(self.stacked) + int(self.num_experts > 0)
+
+    def hf_name_at(self, lead: tuple[int, ...]) -> str:
+        """The HF tensor at leading index `lead` of our parameter ((), (j,) or (j, e))."""
+        if not self.stacked:
+            return self.hf_name
+        if self.num_experts:
+            return self.hf_name.format(i=self.layer_ids[lead[0]], e=lead[1])
+        return self.hf_name.format(i=self.layer_ids[lead[0]])
+
+    def hf_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every (HF name, leading index into our parameter) this entry covers, in order."""
+        if not self.stacked:
+            return [(self.hf_name, ())]
+        experts = range(self.num_experts) if self.num_experts else [None]
+        leads = [(j,) if e is None else (j, e) for j in range(len(self.layer_ids)) for e in experts]
+        return [(self.hf_name_at(lead), lead) for lead in leads]
 
 
 def weight_table(cfg: QwenConfig) -> list[WeightEntry]:
@@ -46,9 +74,6 @@ def weight_table(cfg: QwenConfig) -> list[WeightEntry]:
         ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), HEADS_IN),
         ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), HEADS_IN),
         ("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), HEADS_OUT),
-        ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), TRANSPOSE),
-        ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), TRANSPOSE),
-        ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), TRANSPOSE),
     ]
     if cfg.qkv_bias:
         layer += [
@@ -61,10 +86,47 @@ def weight_table(cfg: QwenConfig) -> list[WeightEntry]:
             ("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"), IDENTITY),
             ("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"), IDENTITY),
         ]
+    every_layer = tuple(range(cfg.num_hidden_layers))
     for hf_suffix, path, layout in layer:
         entries.append(
-            WeightEntry(f"model.layers.{{i}}.{hf_suffix}", ("layers", *path), layout, True)
+            WeightEntry(
+                f"model.layers.{{i}}.{hf_suffix}", ("layers", *path), layout, True, every_layer
+            )
         )
+    dense_ids = tuple(i for i, sparse in enumerate(cfg.sparse_layers) if not sparse)
+    sparse_ids = tuple(i for i, sparse in enumerate(cfg.sparse_layers) if sparse)
+    if dense_ids:
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            entries.append(
+                WeightEntry(
+                    f"model.layers.{{i}}.mlp.{proj}.weight",
+                    ("layers", "mlp", proj, "kernel"),
+                    TRANSPOSE,
+                    True,
+                    dense_ids,
+                )
+            )
+    if sparse_ids:
+        entries.append(
+            WeightEntry(
+                "model.layers.{i}.mlp.gate.weight",
+                ("layers", "moe", "router", "kernel"),
+                TRANSPOSE,
+                True,
+                sparse_ids,
+            )
+        )
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            entries.append(
+                WeightEntry(
+                    f"model.layers.{{i}}.mlp.experts.{{e}}.{proj}.weight",
+                    ("layers", "moe", "experts", proj, "kernel"),
+                    TRANSPOSE,
+                    True,
+                    sparse_ids,
+                    cfg.num_experts,
+                )
+            )
     return entries
 
 

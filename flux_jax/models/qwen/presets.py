@@ -8,67 +8,88 @@ of that shape (the tiny demo model, benchmark shapes).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any
 
 from flux_jax.models.qwen.config import QwenConfig
 
-_QWEN3_SPECIAL = {"bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16"}
+
+def _qwen3(
+    vocab: int,
+    hidden: int,
+    mlp: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    *,
+    tied: bool,
+    **fields: Any,
+) -> QwenConfig:
+    """A Qwen3 shape (q/k RMSNorm, no biases); `fields` sets QwenConfig's other fields."""
+    return QwenConfig(
+        model_type="qwen3",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=tied,
+        **fields,
+    )
+
+
+def _qwen3_moe(*shape: int, tied: bool, **fields: Any) -> QwenConfig:
+    """A Qwen3-MoE shape: `_qwen3`'s columns, and `fields` with the expert settings."""
+    return dataclasses.replace(_qwen3(*shape, tied=tied), model_type="qwen3_moe", **fields)
+
+
 _QWEN3_VOCAB = 151_936
+# What every released Qwen3 model's config.json also says.
+_RELEASED_QWEN3 = dict(
+    max_position_embeddings=40_960, bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"
+)
 
 PRESETS: dict[str, QwenConfig] = {
-    # The released models.
-    "qwen3-0.6b": QwenConfig(
-        model_type="qwen3",
-        vocab_size=_QWEN3_VOCAB,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40_960,
-        tie_word_embeddings=True,
-        **_QWEN3_SPECIAL,
-    ),
-    "qwen3-1.7b": QwenConfig(
-        model_type="qwen3",
-        vocab_size=_QWEN3_VOCAB,
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40_960,
-        tie_word_embeddings=True,
-        **_QWEN3_SPECIAL,
-    ),
-    "qwen3-4b": QwenConfig(
-        model_type="qwen3",
-        vocab_size=_QWEN3_VOCAB,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40_960,
-        tie_word_embeddings=True,
-        **_QWEN3_SPECIAL,
-    ),
-    "qwen3-8b": QwenConfig(
-        model_type="qwen3",
-        vocab_size=_QWEN3_VOCAB,
-        hidden_size=4096,
-        intermediate_size=12_288,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40_960,
-        tie_word_embeddings=False,
-        **_QWEN3_SPECIAL,
-    ),
+    # The released models. Columns: vocab, hidden, MLP width, layers, heads, KV heads, head_dim.
+    "qwen3-0.6b": _qwen3(_QWEN3_VOCAB, 1024, 3072, 28, 16, 8, 128, tied=True, **_RELEASED_QWEN3),
+    "qwen3-1.7b": _qwen3(_QWEN3_VOCAB, 2048, 6144, 28, 16, 8, 128, tied=True, **_RELEASED_QWEN3),
+    "qwen3-4b": _qwen3(_QWEN3_VOCAB, 2560, 9728, 36, 32, 8, 128, tied=True, **_RELEASED_QWEN3),
+    "qwen3-8b": _qwen3(_QWEN3_VOCAB, 4096, 12_288, 36, 32, 8, 128, tied=False, **_RELEASED_QWEN3),
+    # Qwen3-MoE: 128 experts, 8 routed per token, every layer sparse (Qwen3-30B-A3B, 235B-A22B).
+    "qwen3-30b-a3b": _qwen3_moe(
+        _QWEN3_VOCAB,
+        2048,
+        6144,
+        48,
+        32,
+        4,
+        128,
+        tied=False,
+        **_RELEASED_QWEN3,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=True,
+    ),  # fmt: skip
+    "qwen3-235b-a22b": _qwen3_moe(
+        _QWEN3_VOCAB,
+        4096,
+        12_288,
+        94,
+        64,
+        4,
+        128,
+        tied=False,
+        **_RELEASED_QWEN3,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=1536,
+        norm_topk_prob=True,
+    ),  # fmt: skip
     "qwen2.5-7b": QwenConfig(
         model_type="qwen2",  # q/k/v biases, no q/k norm
         vocab_size=152_064,
@@ -86,43 +107,46 @@ PRESETS: dict[str, QwenConfig] = {
     ),
     # Shapes of our own: random weights only.
     # The demo and test model: a few MB; vocab 512 matches flux_jax.tiny_tokenizer.
-    "tiny-qwen3": QwenConfig(
-        model_type="qwen3",
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+    "tiny-qwen3": _qwen3(
+        512, 64, 128, 2, 4, 2, 16, tied=True, rope_theta=10_000.0, max_position_embeddings=2048
+    ),
+    # The tiny demo model with 8 experts (top-2) in place of its MLPs: MoE tests and demos.
+    "tiny-qwen3-moe": _qwen3_moe(
+        512,
+        64,
+        128,
+        2,
+        4,
+        2,
+        16,
+        tied=True,
         rope_theta=10_000.0,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    ),
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+    ),  # fmt: skip
+    # A bench-sized Qwen3-MoE (tools/bench.py --model moe): 4 layers of 8 experts (top-2) of
+    # width 384 at hidden 512; 38.8M params, 24.7M active. For dense-vs-grouped and EP timings.
+    "qwen3-moe-bench": _qwen3_moe(
+        32_768,
+        512,
+        1536,
+        4,
+        8,
+        4,
+        64,
+        tied=True,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=384,
+        norm_topk_prob=True,
+    ),  # fmt: skip
     # ~40M parameters: a CPU/single-chip benchmark with a realistic layer shape.
-    "qwen3-40m": QwenConfig(
-        model_type="qwen3",
-        vocab_size=32_768,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-        tie_word_embeddings=True,
-    ),
+    "qwen3-40m": _qwen3(32_768, 512, 1536, 8, 8, 4, 64, tied=True),
     # Small layers, Qwen's full vocabulary: the LM head dominates, as it does for Qwen3-0.6B.
-    "bigvocab": QwenConfig(
-        model_type="qwen3",
-        vocab_size=_QWEN3_VOCAB,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        tie_word_embeddings=True,
-    ),
+    "bigvocab": _qwen3(_QWEN3_VOCAB, 256, 768, 4, 4, 2, 64, tied=True),
 }
 
 # Hub ids (lower-cased) of the released models -> preset name. Instruct/base variants share shapes.
@@ -137,6 +161,11 @@ HUB_NAMES: dict[str, str] = {
     "qwen/qwen3-8b-base": "qwen3-8b",
     "qwen/qwen2.5-7b": "qwen2.5-7b",
     "qwen/qwen2.5-7b-instruct": "qwen2.5-7b",
+    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b",
+    "qwen/qwen3-30b-a3b-base": "qwen3-30b-a3b",
+    "qwen/qwen3-30b-a3b-instruct-2507": "qwen3-30b-a3b",
+    "qwen/qwen3-235b-a22b": "qwen3-235b-a22b",
+    "qwen/qwen3-235b-a22b-instruct-2507": "qwen3-235b-a22b",
 }
 
 BUILTIN_PREFIX = "builtin:"
@@ -157,7 +186,7 @@ def resolve_architecture(model_path: str) -> QwenConfig:
         return PRESETS[HUB_NAMES[name.lower()]]
     raise ValueError(
         f"model_path {model_path!r}: not a local model directory, and no preset of that name. "
-        f"Presets: {', '.join('builtin:' + n for n in PRESETS)}; hub ids planned without a "
+        f"Presets: {', '.join(BUILTIN_PREFIX + n for n in PRESETS)}; hub ids planned without a "
         f"download: {', '.join(sorted(HUB_NAMES))}. For another model, download it and pass "
         "its directory."
     )
