@@ -9,7 +9,8 @@ When a rendered completion ends with the eos token text followed only by whitesp
 "...answer<|im_end|>\\n"), that tail is removed here and tokenisation appends eos_token_id, as it
 does for every completion. The scored sequence then ends at the eos a sampler stops on, exactly as
 for plain-string data, with one eos and no newline after it that the model would never generate.
-See `flux_jax.data.tokenization` for the whole convention.
+With data.tokenization=joint the tail is kept and nothing is appended, as TRL 1.16 does. See
+`flux_jax.data.tokenization` for both conventions.
 
 Roles: Qwen's templates (2.5, 3) render system, user and assistant messages, render "tool"
 messages as tool responses, and silently drop a message with any other role. So the roles data may
@@ -44,14 +45,17 @@ def template_roles(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     return CHAT_ROLES + ("tool",) if TOOL_ROLE_IN_TEMPLATE.search(template) else CHAT_ROLES
 
 
-def render_chat_pair(pair: ChatPair, tokenizer: PreTrainedTokenizerBase) -> TextPair:
+def render_chat_pair(
+    pair: ChatPair, tokenizer: PreTrainedTokenizerBase, *, trim_eos: bool = True
+) -> TextPair:
     """The pair as text; raises DataError naming the record if the template refuses the messages
-    or misaligns."""
+    or misaligns. `trim_eos=False` (data.tokenization=joint, as TRL) keeps each completion's
+    "<eos>" + whitespace tail as the template wrote it."""
     prompt = render(tokenizer, pair, "prompt", pair.prompt, add_generation_prompt=True)
     return TextPair(
         prompt=prompt,
-        chosen=completion_text(pair, "chosen", prompt, tokenizer),
-        rejected=completion_text(pair, "rejected", prompt, tokenizer),
+        chosen=completion_text(pair, "chosen", prompt, tokenizer, trim_eos),
+        rejected=completion_text(pair, "rejected", prompt, tokenizer, trim_eos),
         source=pair.source,
         line=pair.line,
         from_chat=True,
@@ -59,7 +63,11 @@ def render_chat_pair(pair: ChatPair, tokenizer: PreTrainedTokenizerBase) -> Text
 
 
 def completion_text(
-    pair: ChatPair, side: str, prompt: str, tokenizer: PreTrainedTokenizerBase
+    pair: ChatPair,
+    side: str,
+    prompt: str,
+    tokenizer: PreTrainedTokenizerBase,
+    trim_eos: bool = True,
 ) -> str:
     messages: list[Message] = getattr(pair, side)
     conversation = render(
@@ -79,6 +87,8 @@ def completion_text(
             field=side,
         )
     completion = conversation[len(prompt) :]
+    if not trim_eos:
+        return completion
     eos = tokenizer.eos_token
     tail_trimmed = completion.rstrip()
     if eos and tail_trimmed.endswith(eos):
