@@ -2,6 +2,7 @@
 
 Only the main process writes (the trainer passes enabled=False elsewhere). One line of
 metrics.jsonl per logged step: {"step": ..., "split": "train" | "eval", metric: value, ...}.
+Trackers (W&B, Trackio: flux_jax.trackers) get each line too, as `train/<name>`, `eval/<name>`.
 
 A run that starts at step S (a resume, or a restart after a crash before the first checkpoint)
 first drops the lines past S that an interrupted run left, so each step appears once; TensorBoard
@@ -16,7 +17,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
+
+from flux_jax.trackers import Tracker, tracker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ class MetricsLog:
         progress_bar: bool = True,
         enabled: bool = True,
         stream: TextIO | None = None,
+        trackers: Sequence[Tracker] = (),
     ):
         self.enabled = enabled
         self.every_steps = max(1, every_steps)
@@ -45,6 +50,8 @@ class MetricsLog:
         self._jsonl = None
         self._tb = None
         self._bar = None
+        # Opened by the caller (flux_jax.trackers.open_trackers), finished by close().
+        self._trackers = list(trackers) if enabled else []
         self._t0 = time.perf_counter()
         if not enabled:
             return
@@ -115,6 +122,8 @@ class MetricsLog:
             for name, value in metrics.items():
                 if isinstance(value, int | float) and math.isfinite(value):
                     self._tb.add_scalar(f"{split}/{name}", value, step)
+        for tracker in self._trackers:
+            tracker.log(tracker_metrics(split, metrics), step)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -123,6 +132,9 @@ class MetricsLog:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.finish()
+        self._trackers = []
 
 
 def drop_lines_after(path: str, step: int) -> int:

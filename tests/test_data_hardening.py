@@ -187,6 +187,7 @@ def test_max_record_bytes_config_key_reaches_the_loader(monkeypatch):
     with pytest.raises(ConfigError, match="data.max_record_bytes must be >= 1"):
         FluxConfig({"data": {"max_record_bytes": 0}})
     config.data.max_record_bytes = 12345
+    config.data.token_cache = False  # the in-memory loader (the token store passes it on too)
     seen = {}
 
     def fake_load(path, tokenizer, **options):

@@ -5,6 +5,8 @@ formats.py       the preferences / conversational / implicit_prompt schemas, val
 chat.py          rendering chat messages with the tokenizer's chat template
 tokenization.py  the tokenisation convention (ids, eos, truncation, loss mask)
 loading.py       path -> this process's tokenised examples, with DataStats
+token_store.py   the tokenised-data store on disk: key, files, writer, memory-mapped reader
+token_cache.py   tokenise once (worker processes), memory-map after: load_cached_examples
 batching.py      bucket lengths and the padded batch dict (the batch contract)
 pipeline.py      the grain MapDataset pipeline and its resumable iterator
 check.py         the `flux-jax data check` report

@@ -13,6 +13,7 @@ and identical pairs are reported but do not fail the check.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from flux_jax.data.loading import load_text_pairs
-from flux_jax.data.records import DEFAULT_MAX_RECORD_BYTES, resolve_data_files
+from flux_jax.data.records import DEFAULT_MAX_RECORD_BYTES
+from flux_jax.data.sources import resolve_source
 from flux_jax.data.tokenization import check_lengths, tokenize_pairs, truncate_example
 
 PERCENTILES = (50, 90, 99)
@@ -34,19 +36,24 @@ def data_check_report(
     max_length: int,
     max_prompt_length: int,
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    columns: Mapping[str, str] | None = None,
+    tokenization: str = "separate",
 ) -> dict[str, Any]:
     """Counts, length percentiles and would-be truncation of the data at `path`, as plain JSON,
-    with "ok" and the "problems" that make it false."""
+    with "ok" and the "problems" that make it false. Tokens counted by `tokenization`
+    (data.tokenization)."""
     check_lengths(max_length, max_prompt_length)
-    files = resolve_data_files(path)
+    files = resolve_source(path).files
     pairs, stats = load_text_pairs(
         path,
         tokenizer,
         data_format=data_format,
         on_bad_record="skip",
         max_record_bytes=max_record_bytes,
+        columns=columns,
+        tokenization=tokenization,
     )
-    examples = tokenize_pairs(pairs, tokenizer)
+    examples = tokenize_pairs(pairs, tokenizer, tokenization)
     truncations = [truncate_example(e, max_length, max_prompt_length)[1] for e in examples]
     problems = []
     if stats.bad_records:
@@ -59,6 +66,7 @@ def data_check_report(
         "path": str(path),
         "files": len(files),
         "data_format": data_format,
+        "tokenization": tokenization,
         "ok": not problems,
         "problems": problems,
         "records": stats.records_read,
@@ -101,7 +109,8 @@ def format_data_check_report(report: dict[str, Any]) -> str:
     """The report as aligned text for a terminal."""
     pairs = report["pairs"]
     lines = [
-        f"{report['path']} ({report['files']} file(s), format {report['data_format']})",
+        f"{report['path']} ({report['files']} file(s), format {report['data_format']}, "
+        f"tokenization {report.get('tokenization', 'separate')})",
         f"  records          {report['records']}",
         f"  valid pairs      {pairs}",
         f"  bad records      {report['bad_records']}",

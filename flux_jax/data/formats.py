@@ -11,7 +11,7 @@ For implicit prompts (as TRL's `extract_prompt`): with message lists the prompt 
 leading messages. With strings it is the longest common prefix, moved back to the start of the word
 in which the two differ, and a single space before that word goes with the completions: byte-level
 BPE tokenises " word" as one piece, so this cut keeps both completions tokenised as they would be
-in the whole text (TRL moves back only the space).
+in the whole text (TRL moves back only the space; data.tokenization=joint uses its cut).
 
 Extra keys in a record are ignored, except a 'prompt' in implicit_prompt data, which is an error
 rather than silently lost. The prompt may be empty; chosen and rejected may not.
@@ -23,12 +23,16 @@ role, so a typo such as "wizard" would otherwise train on a conversation missing
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from flux_jax.config_schema import LEAVES
 from flux_jax.data.records import DataError, RawRecord, json_type_name
 
-DATA_FORMATS = ("preferences", "conversational", "implicit_prompt")
+# The config's data.format choices: the schema lists them, with what each one means.
+DATA_FORMATS = LEAVES["data.format"].choices
 
 # The roles every chat template renders; "tool" is added for templates that handle it.
 CHAT_ROLES = ("system", "user", "assistant")
@@ -71,34 +75,39 @@ def check_data_format(data_format: str) -> None:
 
 
 def parse_record(
-    record: RawRecord, data_format: str, chat_roles: tuple[str, ...] = CHAT_ROLES
+    record: RawRecord,
+    data_format: str,
+    chat_roles: tuple[str, ...] = CHAT_ROLES,
+    columns: Mapping[str, str] | None = None,
+    *,
+    tokenization: str = "separate",
 ) -> TextPair | ChatPair:
     """Validate one record against `data_format`; raises DataError naming file, line and field.
-    Chat messages must have one of `chat_roles`."""
+    Chat messages must have one of `chat_roles`. `columns` maps a field to the record's key for
+    it (data.columns); errors then name that key. `tokenization` (data.tokenization): joint
+    splits implicit string prompts as TRL does (`split_shared_text_as_trl`)."""
     check_data_format(data_format)
-    fields = FieldReader(record, chat_roles)
-    if data_format == "preferences":
-        return TextPair(
-            prompt=fields.string("prompt", allow_empty=True),
-            chosen=fields.string("chosen"),
-            rejected=fields.string("rejected"),
-            source=record.source,
-            line=record.line,
-        )
-    if data_format == "conversational":
-        return ChatPair(
-            prompt=fields.messages("prompt", allow_empty=True),
-            chosen=fields.completion_messages("chosen"),
-            rejected=fields.completion_messages("rejected"),
-            source=record.source,
-            line=record.line,
-        )
-    return parse_implicit_prompt(fields)
+    fields = FieldReader(record, chat_roles, columns)
+    if data_format == "implicit_prompt":
+        return parse_implicit_prompt(fields, tokenization)
+    # preferences (text) and conversational (messages): the same three fields, read by type.
+    chat = data_format == "conversational"
+    prompt = fields.messages if chat else fields.string
+    completion = fields.completion_messages if chat else fields.string
+    return (ChatPair if chat else TextPair)(
+        prompt=prompt("prompt", allow_empty=True),
+        chosen=completion("chosen"),
+        rejected=completion("rejected"),
+        source=record.source,
+        line=record.line,
+    )
 
 
-def parse_implicit_prompt(fields: FieldReader) -> TextPair | ChatPair:
+def parse_implicit_prompt(
+    fields: FieldReader, tokenization: str = "separate"
+) -> TextPair | ChatPair:
     record = fields.record
-    if "prompt" in record.data:
+    if fields.column("prompt") in record.data:
         fields.fail(
             "prompt", "is present; data_format 'implicit_prompt' is for records without one"
         )
@@ -106,7 +115,8 @@ def parse_implicit_prompt(fields: FieldReader) -> TextPair | ChatPair:
         chosen, rejected = fields.string("chosen"), fields.string("rejected")
         if chosen == rejected:
             fields.fail("rejected", "is identical to 'chosen', so no prompt can be split off")
-        prompt, chosen, rejected = split_shared_text(chosen, rejected)
+        split = split_shared_text_as_trl if tokenization == "joint" else split_shared_text
+        prompt, chosen, rejected = split(chosen, rejected)
         return TextPair(prompt, chosen, rejected, record.source, record.line)
     chosen_messages = fields.messages("chosen")
     rejected_messages = fields.messages("rejected")
@@ -144,21 +154,49 @@ def split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+def split_shared_text_as_trl(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen completion, rejected completion) as TRL 1.16's `extract_prompt` splits two
+    strings, for data.tokenization=joint: the cut is at the first character where they differ,
+    moved back one if a space precedes it, even mid-word; when one string starts the other, the
+    cut is one character before the shorter one ends (TRL's loop index). One departure: when they
+    differ at the first character TRL reads chosen[-1] (Python's last character) and, if that is
+    a space, makes all of chosen but its last character the prompt; here the prompt is empty."""
+    shorter = min(len(chosen), len(rejected))
+    cut = next((i for i in range(shorter) if chosen[i] != rejected[i]), None)
+    if cut is None:
+        cut = shorter - 1
+    elif cut > 0 and chosen[cut - 1] == " ":
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
 class FieldReader:
     """Typed access to one record's fields, raising DataErrors that name the field."""
 
-    def __init__(self, record: RawRecord, chat_roles: tuple[str, ...] = CHAT_ROLES):
+    def __init__(
+        self,
+        record: RawRecord,
+        chat_roles: tuple[str, ...] = CHAT_ROLES,
+        columns: Mapping[str, str] | None = None,
+    ):
         self.record = record
         self.chat_roles = chat_roles
+        self.columns = {field: column for field, column in (columns or {}).items() if column}
+
+    def column(self, field: str) -> str:
+        """`field` (a path such as `chosen[-1].content`) with its leading field name replaced by
+        the record's key for it."""
+        head = re.split(r"[.\[]", field, maxsplit=1)[0]
+        return self.columns.get(head, head) + field[len(head) :]
 
     def fail(self, field: str, reason: str) -> NoReturn:
-        raise DataError(self.record.source, self.record.line, reason, field=field)
+        raise DataError(self.record.source, self.record.line, reason, field=self.column(field))
 
     def get(self, name: str) -> Any:
-        if name not in self.record.data:
+        if self.column(name) not in self.record.data:
             keys = ", ".join(sorted(self.record.data)) or "none"
             self.fail(name, f"is missing (record has keys: {keys})")
-        return self.record.data[name]
+        return self.record.data[self.column(name)]
 
     def string(self, name: str, *, allow_empty: bool = False) -> str:
         value = self.get(name)

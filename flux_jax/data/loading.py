@@ -18,6 +18,7 @@ datasets repeat pairs on purpose) but counted and warned about.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,12 +30,13 @@ from flux_jax.data.records import (
     DEFAULT_MAX_RECORD_BYTES,
     DataError,
     ShardReadError,
-    read_records,
 )
+from flux_jax.data.sources import column_mapping, read_source_records
 from flux_jax.data.stats import MAX_EXAMPLES, DataStats
 from flux_jax.data.tokenization import (
     PreferenceExample,
     check_lengths,
+    check_tokenization,
     tokenize_pairs,
     truncate_example,
 )
@@ -58,8 +60,11 @@ def load_preference_examples(
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     process_index: int = 0,
     process_count: int = 1,
+    columns: Mapping[str, str] | None = None,
+    tokenization: str = "separate",
 ) -> tuple[list[PreferenceExample], DataStats]:
-    """This process's share of the pairs at `path`, tokenised and truncated, in file order."""
+    """This process's share of the pairs at `path`, tokenised (by `tokenization`, see
+    flux_jax.data.tokenization) and truncated, in file order."""
     check_lengths(max_length, max_prompt_length)
     text_pairs, stats = load_text_pairs(
         path,
@@ -67,10 +72,35 @@ def load_preference_examples(
         data_format=data_format,
         on_bad_record=on_bad_record,
         max_record_bytes=max_record_bytes,
+        columns=columns,
+        tokenization=tokenization,
     )
     share = process_share(text_pairs, process_index, process_count)
-    examples = []
-    for example in tokenize_pairs(share, tokenizer):
+    examples = truncate_examples(
+        tokenize_pairs(share, tokenizer, tokenization),
+        stats,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        drop_truncated=drop_truncated,
+    )
+    stats.pairs_kept = len(examples)
+    log_truncation(path, stats, drop_truncated)
+    return examples, stats
+
+
+def truncate_examples(
+    examples: list[PreferenceExample],
+    stats: DataStats,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    drop_truncated: bool,
+) -> list[PreferenceExample]:
+    """`examples` truncated (flux_jax.data.tokenization step 3), less the truncated ones with
+    `drop_truncated`; counts them in `stats` (pairs_seen, the truncation counts, pairs_dropped).
+    The token store (flux_jax.data.token_cache) runs it chunk by chunk."""
+    kept = []
+    for example in examples:
         example, truncation = truncate_example(example, max_length, max_prompt_length)
         stats.pairs_seen += 1
         stats.prompts_truncated += truncation.prompt
@@ -79,8 +109,12 @@ def load_preference_examples(
         if truncation.any and drop_truncated:
             stats.pairs_dropped += 1
             continue
-        examples.append(example)
-    stats.pairs_kept = len(examples)
+        kept.append(example)
+    return kept
+
+
+def log_truncation(path: str | Path, stats: DataStats, drop_truncated: bool) -> None:
+    """One INFO line on the pairs of `path` that truncation shortened (or dropped)."""
     if stats.pairs_truncated:
         logger.info(
             "%s: %d of %d pairs truncated (%d prompts, %d responses)%s",
@@ -91,7 +125,6 @@ def load_preference_examples(
             stats.responses_truncated,
             "; dropped them" if drop_truncated else "",
         )
-    return examples, stats
 
 
 def load_text_pairs(
@@ -101,9 +134,16 @@ def load_text_pairs(
     data_format: str,
     on_bad_record: str = "error",
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    columns: Mapping[str, str] | None = None,
+    tokenization: str = "separate",
 ) -> tuple[list[TextPair], DataStats]:
-    """Every valid record at `path` as text (chat data rendered), and the read counts."""
+    """Every valid record at `path` (any source: flux_jax.data.sources) as text (chat data
+    rendered), and the read counts. `columns`: field -> the data's column (data.columns).
+    `tokenization` (data.tokenization) decides the text joint tokenisation needs: TRL's
+    implicit-prompt cut and chat completions that keep the template's eos tail."""
     check_data_format(data_format)
+    check_tokenization(tokenization)
+    columns = column_mapping(columns)
     if on_bad_record not in BAD_RECORD_POLICIES:
         raise ValueError(
             f"unknown on_bad_record {on_bad_record!r}; valid: {', '.join(BAD_RECORD_POLICIES)}"
@@ -115,7 +155,10 @@ def load_text_pairs(
     stats = DataStats()
     pairs: list[TextPair] = []
     first_index: dict[int, int] = {}  # hash of a pair's texts -> index of its first occurrence
-    for item in read_records(path, max_record_bytes):
+    records = read_source_records(
+        path, data_format=data_format, columns=columns, max_record_bytes=max_record_bytes
+    )
+    for item in records:
         if isinstance(item, ShardReadError):
             if on_bad_record == "error":
                 raise item
@@ -125,9 +168,9 @@ def load_text_pairs(
         try:
             if isinstance(item, DataError):
                 raise item
-            pair = parse_record(item, data_format, roles)
+            pair = parse_record(item, data_format, roles, columns, tokenization=tokenization)
             if isinstance(pair, ChatPair):
-                pair = render_chat_pair(pair, tokenizer)
+                pair = render_chat_pair(pair, tokenizer, trim_eos=tokenization != "joint")
         except DataError as err:
             if on_bad_record == "error":
                 raise
@@ -164,28 +207,28 @@ def note_if_duplicate(
 
 
 def log_summary(path: str | Path, stats: DataStats) -> None:
-    if stats.bad_records:
-        logger.warning(
-            "%s: skipped %d bad records; the first at %s",
-            path,
+    """One WARNING per kind of problem the load of `path` skipped or found, with examples."""
+    problems = (
+        (
             stats.bad_records,
+            "skipped %d bad records; the first at %s",
             ", ".join(stats.bad_record_lines),
-        )
-    if stats.shards_cut_short:
-        logger.warning(
-            "%s: skipped the unreadable rest of %d damaged shard(s): %s",
-            path,
+        ),
+        (
             stats.shards_cut_short,
+            "skipped the unreadable rest of %d damaged shard(s): %s",
             "; ".join(stats.shard_errors),
-        )
-    if stats.duplicate_pairs:
-        logger.warning(
-            "%s: %d pairs repeat an earlier pair's prompt, chosen and rejected exactly; the first "
-            "at %s",
-            path,
+        ),
+        (
             stats.duplicate_pairs,
+            "%d pairs repeat an earlier pair's prompt, chosen and rejected exactly; the first "
+            "at %s",
             ", ".join(stats.duplicate_pair_examples[:3]),
-        )
+        ),
+    )
+    for count, message, examples in problems:
+        if count:
+            logger.warning("%s: " + message, path, count, examples)
 
 
 def note_bad_record(stats: DataStats, err: DataError) -> None:

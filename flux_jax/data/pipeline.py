@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import grain
@@ -55,6 +55,8 @@ def make_preference_iterator(
     on_bad_record: str = "error",
     num_threads: int = LEAVES["data.num_threads"].default,
     prefetch: int = LEAVES["data.prefetch"].default,
+    columns: Mapping[str, str] | None = None,
+    tokenization: str = "separate",
 ) -> tuple[grain.DatasetIterator, DataStats]:
     """An iterator of padded batch dicts (see `flux_jax.data.batching`) over this process's share
     of the data at `path`, and the loading stats."""
@@ -73,6 +75,8 @@ def make_preference_iterator(
         on_bad_record=on_bad_record,
         process_index=process_index,
         process_count=process_count,
+        columns=columns,
+        tokenization=tokenization,
     )
     dataset = preference_batches(
         examples,

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from flux_jax.config_schema import LEAVES
+
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz")
 
-# 16 MiB per line: about 1.4M tokens in each of prompt, chosen and rejected at ~4 bytes per token,
-# far beyond any context window trained today, while a line's transient cost when parsed,
-# rendered and tokenised (~190x its size, measured on a 50 MB line) stays near 3 GB.
-DEFAULT_MAX_RECORD_BYTES = 16 * 2**20
+# The config's data.max_record_bytes default (16 MiB; config_schema says why).
+DEFAULT_MAX_RECORD_BYTES = LEAVES["data.max_record_bytes"].default
 
 # The rest of an over-long line is read and dropped this much at a time.
 SKIP_CHUNK_BYTES = 2**20

@@ -1,0 +1,468 @@
+"""Tokenise once, memory-map after: this process's examples from a token store
+(flux_jax.data.token_store), built on first use and mapped by every later run.
+
+    store, stats = load_cached_examples(path, tokenizer, data_format=..., max_length=..., ...)
+
+takes the options of `flux_jax.data.loading.load_preference_examples` and returns what it returns
+(the same examples, as a lazy sequence, and the same DataStats) plus `cache_dir` and `workers`.
+
+Building runs load_preference_examples' own steps: `load_text_pairs` (read, validate, render,
+count bad and duplicate records) and `process_share` in one process, then `tokenize_pairs` and
+`truncate_examples` on chunks of TOKENIZE_CHUNK pairs in `workers` processes, each chunk appended
+to the store's files as it comes back, in order.
+
+Data larger than IN_PROCESS_MAX_BYTES is built in a child process (`python -m
+flux_jax.data.token_cache`) that forks the workers, so that the training process never holds the
+texts (its memory stays flat on the first run too), never forks after JAX has started its threads,
+and a user's script is never re-imported by worker processes (which `spawn` would do, and an
+unguarded script would then train again). The child's log records are re-emitted here and its
+errors raised here with the same type and message. Smaller data is built in this process without
+workers: starting the child (importing JAX and transformers again) and a pool costs more than
+tokenising a few thousand pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from flux_jax.data.formats import TextPair
+from flux_jax.data.loading import (
+    load_text_pairs,
+    log_summary,
+    log_truncation,
+    process_share,
+    truncate_examples,
+)
+from flux_jax.data.records import DEFAULT_MAX_RECORD_BYTES, DataError
+from flux_jax.data.sources import column_mapping, resolve_source
+from flux_jax.data.stats import DataStats
+from flux_jax.data.token_store import (
+    StoreDamaged,
+    StoreWriter,
+    TokenChunk,
+    TokenStore,
+    default_cache_dir,
+    store_directory,
+    store_key,
+)
+from flux_jax.data.tokenization import (
+    TOKENIZE_CHUNK,
+    check_lengths,
+    log_prompts_cut,
+    tokenize_pairs,
+)
+
+log = logging.getLogger(__name__)
+
+# Source bytes up to which a store is built in this process, without workers (about 20k short
+# pairs: a few seconds of tokenising, less than a child process takes to start).
+IN_PROCESS_MAX_BYTES = 8 * 2**20
+
+MAX_AUTO_WORKERS = 8  # data.tokenize_workers = 0: min(this, CPU count)
+
+# DataStats fields that tokenising and truncating a chunk adds to.
+CHUNK_COUNTS = (
+    "pairs_seen",
+    "prompts_truncated",
+    "responses_truncated",
+    "pairs_truncated",
+    "pairs_dropped",
+)
+
+LOG_PREFIX = "\x1fflux_jax-log "  # marks the child's forwarded log records on its stderr
+
+CHUNKS_PER_PROGRESS_LINE = 50  # ~100k pairs between "tokenised N of M pairs" lines
+
+
+def load_cached_examples(
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    data_format: str,
+    max_length: int,
+    max_prompt_length: int,
+    drop_truncated: bool = False,
+    on_bad_record: str = "error",
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    process_index: int = 0,
+    process_count: int = 1,
+    columns: Mapping[str, str] | None = None,
+    tokenization: str = "separate",
+    cache_dir: str | Path = "",
+    workers: int = 0,
+    in_process_max_bytes: int = IN_PROCESS_MAX_BYTES,
+) -> tuple[TokenStore, DataStats]:
+    """load_preference_examples' examples and stats, from the store of these data and settings,
+    built first if there is none. `cache_dir` '' = token_store.default_cache_dir(); `workers`
+    0 = min(8, CPU count) processes to tokenise a large new store."""
+    check_lengths(max_length, max_prompt_length)
+    options = {
+        "data_format": data_format,
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "drop_truncated": drop_truncated,
+        "on_bad_record": on_bad_record,
+        "max_record_bytes": max_record_bytes,
+        "process_index": process_index,
+        "process_count": process_count,
+        "columns": column_mapping(columns),
+        "tokenization": tokenization,
+    }
+    key = store_key(path, tokenizer, options)
+    directory = store_directory(cache_dir or default_cache_dir(), key, process_index, process_count)
+    store = open_existing(directory)
+    if store is not None:
+        log.info("%s: %d tokenised pairs mapped from %s", path, len(store), directory)
+        report_again(path, store, tokenizer)
+        return store, store.stats
+    start = time.perf_counter()
+    size = source_bytes(path)
+    if size is not None and size <= in_process_max_bytes:
+        build_store(directory, path, tokenizer, workers=1, **options)
+    else:
+        build_in_child(directory, path, tokenizer, resolve_workers(workers), options)
+    store = TokenStore.open(directory)
+    log.info(
+        "%s: tokenised %d pairs into the token store %s in %.1f s (later runs map it)",
+        path,
+        len(store),
+        directory,
+        time.perf_counter() - start,
+    )
+    return store, store.stats
+
+
+def open_existing(directory: Path) -> TokenStore | None:
+    """The store at `directory`, or None if there is none; a damaged one is removed (and
+    rebuilt by the caller) with a warning."""
+    try:
+        return TokenStore.open(directory)
+    except FileNotFoundError:
+        return None
+    except StoreDamaged as err:
+        log.warning("damaged token store %s (%s): removing and rebuilding it", directory, err)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+
+
+def report_again(path: str | Path, store: TokenStore, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The warnings and truncation line the build logged, logged again from the stored stats."""
+    stats = store.stats
+    log_summary(path, stats)
+    log_truncation(path, stats, store.meta["settings"]["drop_truncated"])
+    cut = store.meta["prompts_cut"]
+    if cut["count"]:
+        log_prompts_cut(cut["count"], cut["pairs"], tuple(cut["first"]), tokenizer)
+
+
+def source_bytes(path: str | Path) -> int | None:
+    """Bytes of the files `path` names; None for a hub dataset (its size is not known here)."""
+    source = resolve_source(path)
+    if source.kind == "hub":
+        return None
+    return sum(os.path.getsize(file) for file in source.files)
+
+
+def resolve_workers(workers: int) -> int:
+    return workers or min(MAX_AUTO_WORKERS, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass
+class ChunkResult:
+    """One chunk of pairs tokenised and truncated: the kept pairs, the counts the chunk adds to
+    DataStats (CHUNK_COUNTS), and the joint pairs whose cut fell inside the prompt."""
+
+    chunk: TokenChunk | None
+    counts: dict[str, int]
+    prompts_cut: int = 0
+    first_cut: tuple[str, int, list[int]] | None = None
+    error: tuple[str, int | None, str, str | None] | None = None  # a DataError's fields
+
+
+def tokenize_chunk(
+    pairs: list[TextPair],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    tokenization: str,
+    max_length: int,
+    max_prompt_length: int,
+    drop_truncated: bool,
+) -> ChunkResult:
+    """`pairs` as load_preference_examples tokenises and truncates them. A DataError comes back
+    as its fields (an exception with required arguments does not survive pickling)."""
+    stats = DataStats()
+    prompts_cut: list[tuple[str, int, list[int]]] = []
+    try:
+        examples = tokenize_pairs(pairs, tokenizer, tokenization, prompts_cut)
+    except DataError as err:
+        return ChunkResult(None, {}, error=(err.source, err.line, err.reason, err.field))
+    kept = truncate_examples(
+        examples,
+        stats,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        drop_truncated=drop_truncated,
+    )
+    return ChunkResult(
+        TokenChunk.from_examples(kept),
+        {name: getattr(stats, name) for name in CHUNK_COUNTS},
+        len(prompts_cut),
+        prompts_cut[0] if prompts_cut else None,
+    )
+
+
+def build_store(
+    directory: Path,
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    workers: int,
+    data_format: str,
+    max_length: int,
+    max_prompt_length: int,
+    drop_truncated: bool,
+    on_bad_record: str,
+    max_record_bytes: int,
+    process_index: int,
+    process_count: int,
+    columns: Mapping[str, str],
+    tokenization: str,
+) -> DataStats:
+    """Writes the store of this process's share of `path` to `directory` (module docstring)
+    with `workers` processes (1 = this one); returns the stats it stored."""
+    chunk_options = {
+        "tokenization": tokenization,
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "drop_truncated": drop_truncated,
+    }
+    # The pool is forked before the texts are read, so the workers start small.
+    pool = start_pool(workers, tokenizer, chunk_options) if workers > 1 else None
+    try:
+        text_pairs, stats = load_text_pairs(
+            path,
+            tokenizer,
+            data_format=data_format,
+            on_bad_record=on_bad_record,
+            max_record_bytes=max_record_bytes,
+            columns=columns,
+            tokenization=tokenization,
+        )
+        share = process_share(text_pairs, process_index, process_count)
+        del text_pairs  # the other processes' pairs
+        chunks = (share[i : i + TOKENIZE_CHUNK] for i in range(0, len(share), TOKENIZE_CHUNK))
+        if pool is not None:
+            results: Iterable[ChunkResult] = pool.map(tokenize_in_worker, chunks)
+        else:
+            results = (tokenize_chunk(c, tokenizer, **chunk_options) for c in chunks)
+        with StoreWriter(directory) as writer:
+            cut_count, first_cut = write_chunks(writer, results, stats, len(share))
+            stats.pairs_kept = writer.pairs
+            log_truncation(path, stats, drop_truncated)
+            if cut_count:
+                log_prompts_cut(cut_count, len(share), first_cut, tokenizer)
+            writer.finish(
+                {
+                    "data": str(path),
+                    "settings": {
+                        "data_format": data_format,
+                        "max_length": max_length,
+                        "max_prompt_length": max_prompt_length,
+                        "drop_truncated": drop_truncated,
+                        "on_bad_record": on_bad_record,
+                        "max_record_bytes": max_record_bytes,
+                        "process_index": process_index,
+                        "process_count": process_count,
+                        "columns": dict(columns),
+                        "tokenization": tokenization,
+                        "tokenizer": str(tokenizer.name_or_path),
+                    },
+                    "stats": stats.to_dict(),
+                    "prompts_cut": {"count": cut_count, "pairs": len(share), "first": first_cut},
+                }
+            )
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return stats
+
+
+def write_chunks(
+    writer: StoreWriter, results: Iterable[ChunkResult], stats: DataStats, total: int
+) -> tuple[int, tuple[str, int, list[int]] | None]:
+    """Appends each chunk's pairs and adds its counts to `stats`; raises the first chunk's
+    DataError. Returns (joint pairs with the prompt cut, the first of them)."""
+    cut_count, first_cut = 0, None
+    for done, result in enumerate(results, start=1):
+        if result.error is not None:
+            raise DataError(*result.error)
+        writer.append(result.chunk)
+        for name, count in result.counts.items():
+            setattr(stats, name, getattr(stats, name) + count)
+        cut_count += result.prompts_cut
+        first_cut = first_cut or result.first_cut
+        if done % CHUNKS_PER_PROGRESS_LINE == 0:
+            log.info("tokenised %d of %d pairs", stats.pairs_seen, total)
+    return cut_count, first_cut
+
+
+# A pool worker's tokenizer and chunk options, set once by its initializer (a pool's task
+# function takes one argument; the tokenizer is inherited through fork, not pickled per chunk).
+_worker_job: tuple[PreTrainedTokenizerBase, dict[str, Any]] | None = None
+
+
+def start_pool(
+    workers: int, tokenizer: PreTrainedTokenizerBase, chunk_options: dict[str, Any]
+) -> ProcessPoolExecutor:
+    """`workers` forked processes that tokenise chunks, started now (callers fork only from a
+    process that has not started JAX's threads: the child of `build_in_child`). An executor, not
+    a multiprocessing.Pool: a worker killed (out of memory) fails the build instead of hanging."""
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_set_worker_job,
+        initargs=(tokenizer, chunk_options),
+    )
+    pool.submit(os.getpid).result()  # with fork, the first task starts every worker
+    return pool
+
+
+def _set_worker_job(tokenizer: PreTrainedTokenizerBase, chunk_options: dict[str, Any]) -> None:
+    global _worker_job
+    # Each worker tokenises its chunk on one core: the pool is the parallelism.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_job = (tokenizer, chunk_options)
+
+
+def tokenize_in_worker(pairs: list[TextPair]) -> ChunkResult:
+    assert _worker_job is not None, "tokenize_in_worker runs in a pool started by start_pool"
+    tokenizer, chunk_options = _worker_job
+    return tokenize_chunk(pairs, tokenizer, **chunk_options)
+
+
+def build_in_child(
+    directory: Path,
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    workers: int,
+    options: dict[str, Any],
+) -> None:
+    """`build_store` in a child process (module docstring); its log records are re-emitted
+    here and its error, if any, raised here."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory(prefix="flux_jax_tokens_") as tmp:
+        request, result = Path(tmp) / "request.pkl", Path(tmp) / "result.json"
+        job = {"directory": str(directory), "path": str(path), "tokenizer": tokenizer}
+        job |= {"workers": workers, "options": options, "result": str(result)}
+        with request.open("wb") as f:
+            pickle.dump(job, f)
+        command = [sys.executable, "-m", "flux_jax.data.token_cache", str(request)]
+        log.info("%s: tokenising into a new token store with %d worker(s)", path, workers)
+        child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            forward_child_output(child.stderr)
+            code = child.wait()
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        outcome = json.loads(result.read_text()) if result.exists() else None
+    if code != 0:
+        raise child_error(outcome, code, path)
+
+
+def forward_child_output(lines: Iterator[str]) -> None:
+    """Re-emits the child's log records through this process's loggers; other output (library
+    warnings, a crash's traceback) goes to stderr as it is."""
+    for line in lines:
+        if line.startswith(LOG_PREFIX):
+            record = json.loads(line[len(LOG_PREFIX) :])
+            logging.getLogger(record["name"]).log(record["level"], "%s", record["message"])
+        else:
+            sys.stderr.write(line)
+
+
+def child_error(outcome: dict | None, code: int, path: str | Path) -> Exception:
+    """The child's exception, rebuilt with its type and message (its traceback as a note)."""
+    if outcome is None:
+        return RuntimeError(
+            f"{path}: the token-store builder process exited with code {code} before reporting "
+            "(killed, or out of memory; its output is above). Run again, lower "
+            "data.tokenize_workers, or set data.token_cache: false to tokenise in this process"
+        )
+    module, _, name = outcome["type"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    error: Exception
+    if isinstance(cls, type) and issubclass(cls, DataError):
+        error = cls(outcome["source"], outcome["line"], outcome["reason"], outcome["field"])
+    else:
+        try:
+            error = cls(outcome["message"])
+        except Exception:  # a class that takes other arguments: keep its name and message
+            error = RuntimeError(f"{outcome['type']}: {outcome['message']}")
+    error.add_note("raised in the token-store builder process:\n" + outcome["traceback"])
+    return error
+
+
+class ForwardingHandler(logging.Handler):
+    """The child's log records, one JSON line each on stderr, for forward_child_output."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = {"name": record.name, "level": record.levelno, "message": record.getMessage()}
+        sys.stderr.write(LOG_PREFIX + json.dumps(line) + "\n")
+        sys.stderr.flush()
+
+
+def child_main(request_path: str) -> int:
+    """The child process: builds the store of the pickled request, writes the outcome."""
+    root = logging.getLogger()
+    root.handlers[:] = [ForwardingHandler()]
+    root.setLevel(logging.INFO)
+    with open(request_path, "rb") as f:
+        job = pickle.load(f)
+    try:
+        build_store(
+            Path(job["directory"]),
+            job["path"],
+            job["tokenizer"],
+            workers=job["workers"],
+            **job["options"],
+        )
+    except Exception as err:
+        outcome = {
+            "type": f"{type(err).__module__}.{type(err).__qualname__}",
+            "message": str(err),
+            "traceback": traceback.format_exc(),
+            **{k: getattr(err, k, None) for k in ("source", "line", "reason", "field")},
+        }
+        Path(job["result"]).write_text(json.dumps(outcome, default=str), encoding="utf-8")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # Through the package's module (not __main__), so pickled classes and the pool's task
+    # function have their importable names.
+    from flux_jax.data.token_cache import child_main as _child_main
+
+    sys.exit(_child_main(sys.argv[1]))
