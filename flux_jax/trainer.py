@@ -32,7 +32,7 @@ import numpy as np
 from flux_jax import checkpoint as ckpt_lib
 from flux_jax import optim, ref_sync, run_lock, train_data
 from flux_jax import train_step as ts
-from flux_jax.adapter_checkpoint import BaseModel, adapter_metadata, check_matches
+from flux_jax.adapter_checkpoint import BaseModel, check_matches
 from flux_jax.best_checkpoint import BestTracker, load_params
 from flux_jax.compile_cache import enable_compile_cache
 from flux_jax.config import FluxConfig
@@ -41,12 +41,12 @@ from flux_jax.dpo import DPOSettings, initial_loss_state
 from flux_jax.hooks import Hooks, StepState
 from flux_jax.lora import LoraSettings, init_adapters
 from flux_jax.metrics_log import MetricsLog, summarise
-from flux_jax.model_assets import MODEL_ASSETS_DIR, save_model_assets
 from flux_jax.model_setup import ModelOptions, load_model, load_tokenizer
 from flux_jax.models.qwen.moe import resolve_router_aux_loss_coef
 from flux_jax.peft_io import load_peft_adapter_onto
 from flux_jax.policy import Policy, as_reference
 from flux_jax.preemption import install_preemption_handler
+from flux_jax.run_files import check_resumable, checkpoint_metadata, write_run_files
 from flux_jax.sharding import mesh_from_config, shard_batch, state_shardings_of, to_host
 from flux_jax.sharding_check import check_sharding
 from flux_jax.step_metrics import StepMetrics, StepResult
@@ -296,8 +296,9 @@ class _Run:
         )
         if resumed_from is not None:
             self.mlog.message(f"resumed from {self.checkpointer.directory} step {resumed_from}")
-        self._write_run_files()
-        self.metadata = self._metadata()
+        if self.main:
+            write_run_files(self.cfg, self.output_dir, self.policy)
+        self.metadata = checkpoint_metadata(self.cfg, self.output_dir, self.policy, self.base_model)
         self.steps = StepMetrics(cfg, self.checkpointer, self.mlog, self.step_hooks)
         hooks = self._state_hooks(has_eval=eval_examples is not None)
         t0 = time.perf_counter()
@@ -385,55 +386,15 @@ class _Run:
     def _restore(self, state: dict[str, Any], iterator: Any) -> tuple[int | None, dict[str, Any]]:
         """The newest step that restores (damaged newer ones are set aside), else `state`."""
         if self.cfg.checkpoint.resume:
-            self._check_latest_matches()
+            check_resumable(
+                self.checkpointer, self.policy.lora, self.base_model, self.syncs_reference
+            )
             restored = self.checkpointer.restore_latest(
                 ckpt_lib.abstract_of(state), data_iterator=iterator
             )
             if restored is not None:
                 return restored
         return None, state
-
-    def _check_latest_matches(self) -> None:
-        """Refuses to resume from a checkpoint of another kind of run: full fine-tuning vs LoRA,
-        other LoRA settings, adapters of other base weights (adapter_checkpoint.py), or with vs
-        without TR-DPO's reference in the state (ref_sync)."""
-        latest = self.checkpointer.latest_step()
-        if latest is None:
-            return
-        where = self.checkpointer.step_dir(latest)
-        try:
-            meta = ckpt_lib.read_metadata(where)
-        except (OSError, ValueError):  # damaged: restore_latest sets it aside and falls back
-            return
-        check_matches(meta, where, settings=self.policy.lora, base=self.base_model)
-        ref_sync.check_resume_matches(meta, where, syncs=self.syncs_reference)
-
-    def _write_run_files(self) -> None:
-        """config.yaml and model_assets/ (the config and tokenizer checkpoints are read with)."""
-        if not self.main:
-            return
-        cfg = self.cfg
-        os.makedirs(self.output_dir, exist_ok=True)
-        cfg.to_yaml(os.path.join(self.output_dir, "config.yaml"))
-        save_model_assets(
-            self.output_dir,
-            hf_config=self.policy.model_config.to_hf_config(),
-            tokenizer=self.policy.tokenizer,
-            model_path=cfg.model_path,
-            tokenizer_path=cfg.tokenizer_path,
-        )
-
-    def _metadata(self) -> dict[str, Any]:
-        return {
-            "model_path": self.cfg.model_path,
-            "tokenizer_path": self.cfg.tokenizer_path or self.cfg.model_path,
-            "hf_config": self.policy.model_config.to_hf_config(),
-            "flux_config": self.cfg.to_dict(),
-            # Stored relative to each checkpoint (checkpoint.py): a moved output_dir still works.
-            ckpt_lib.MODEL_ASSETS_KEY: os.path.join(self.output_dir, MODEL_ASSETS_DIR),
-            # LoRA: the settings and the base the adapters belong to (checked on resume / load).
-            **adapter_metadata(self.policy.lora, self.base_model),
-        }
 
     def _result(
         self, state: dict[str, Any], preempted: bool, resumed_from: int | None, wall_s: float

@@ -20,11 +20,8 @@ from flux_jax.data import (
 )
 from flux_jax.data.loading import load_text_pairs
 from flux_jax.data.records import ShardReadError
-from flux_jax.data.sources import (
-    read_source_records,
-    resolve_source,
-    row_string_bytes,
-)
+from flux_jax.data.sources import read_source_records, resolve_source
+from flux_jax.data.tables import row_string_bytes
 from flux_jax.tiny_tokenizer import build_tiny_tokenizer
 
 NUM_ROWS = 24

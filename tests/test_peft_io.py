@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import flux_jax
-from flux_jax import peft_io
+from flux_jax import peft_config, peft_io
 from flux_jax.lora import ActiveAdapters, LoraSettings, init_adapters, merge
 from flux_jax.model_setup import split_model
 from flux_jax.models.qwen.config import QwenConfig
@@ -277,9 +277,9 @@ def test_mismatched_targets_and_unsupported_features(saved_adapter):
 
 def test_peft_target_module_spellings():
     where = "adapter_config.json"
-    assert peft_io._target_names("all-linear", where) == ALL
-    assert peft_io._target_names(r".*\.(q_proj|v_proj)", where) == ("q_proj", "v_proj")
-    assert peft_io._target_names(["self_attn.k_proj", "up_proj"], where) == ("k_proj", "up_proj")
+    assert peft_config.target_names("all-linear", where) == ALL
+    assert peft_config.target_names(r".*\.(q_proj|v_proj)", where) == ("q_proj", "v_proj")
+    assert peft_config.target_names(["self_attn.k_proj", "up_proj"], where) == ("k_proj", "up_proj")
 
 
 def test_unknown_or_missing_tensors_are_named(saved_adapter):

@@ -12,7 +12,7 @@ count bad and duplicate records) and `process_share` in one process, then `token
 to the store's files as it comes back, in order.
 
 Data larger than IN_PROCESS_MAX_BYTES is built in a child process (`python -m
-flux_jax.data.token_cache`) that forks the workers, so that the training process never holds the
+flux_jax.data.builder_process`) that forks the workers, so that the training process never holds the
 texts (its memory stays flat on the first run too), never forks after JAX has started its threads,
 and a user's script is never re-imported by worker processes (which `spawn` would do, and an
 unguarded script would then train again). The child's log records are re-emitted here and its
@@ -24,25 +24,19 @@ tokenising a few thousand pairs.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
 import logging
 import multiprocessing
 import os
-import pickle
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
-import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from flux_jax.data.builder_process import build_in_child
 from flux_jax.data.formats import TextPair
 from flux_jax.data.loading import (
     load_text_pairs,
@@ -87,7 +81,6 @@ CHUNK_COUNTS = (
     "pairs_dropped",
 )
 
-LOG_PREFIX = "\x1fflux_jax-log "  # marks the child's forwarded log records on its stderr
 
 CHUNKS_PER_PROGRESS_LINE = 50  # ~100k pairs between "tokenised N of M pairs" lines
 
@@ -356,113 +349,3 @@ def tokenize_in_worker(pairs: list[TextPair]) -> ChunkResult:
     assert _worker_job is not None, "tokenize_in_worker runs in a pool started by start_pool"
     tokenizer, chunk_options = _worker_job
     return tokenize_chunk(pairs, tokenizer, **chunk_options)
-
-
-def build_in_child(
-    directory: Path,
-    path: str | Path,
-    tokenizer: PreTrainedTokenizerBase,
-    workers: int,
-    options: dict[str, Any],
-) -> None:
-    """`build_store` in a child process (module docstring); its log records are re-emitted
-    here and its error, if any, raised here."""
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    with tempfile.TemporaryDirectory(prefix="flux_jax_tokens_") as tmp:
-        request, result = Path(tmp) / "request.pkl", Path(tmp) / "result.json"
-        job = {"directory": str(directory), "path": str(path), "tokenizer": tokenizer}
-        job |= {"workers": workers, "options": options, "result": str(result)}
-        with request.open("wb") as f:
-            pickle.dump(job, f)
-        command = [sys.executable, "-m", "flux_jax.data.token_cache", str(request)]
-        log.info("%s: tokenising into a new token store with %d worker(s)", path, workers)
-        child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            forward_child_output(child.stderr)
-            code = child.wait()
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-        outcome = json.loads(result.read_text()) if result.exists() else None
-    if code != 0:
-        raise child_error(outcome, code, path)
-
-
-def forward_child_output(lines: Iterator[str]) -> None:
-    """Re-emits the child's log records through this process's loggers; other output (library
-    warnings, a crash's traceback) goes to stderr as it is."""
-    for line in lines:
-        if line.startswith(LOG_PREFIX):
-            record = json.loads(line[len(LOG_PREFIX) :])
-            logging.getLogger(record["name"]).log(record["level"], "%s", record["message"])
-        else:
-            sys.stderr.write(line)
-
-
-def child_error(outcome: dict | None, code: int, path: str | Path) -> Exception:
-    """The child's exception, rebuilt with its type and message (its traceback as a note)."""
-    if outcome is None:
-        return RuntimeError(
-            f"{path}: the token-store builder process exited with code {code} before reporting "
-            "(killed, or out of memory; its output is above). Run again, lower "
-            "data.tokenize_workers, or set data.token_cache: false to tokenise in this process"
-        )
-    module, _, name = outcome["type"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name, None)
-    error: Exception
-    if isinstance(cls, type) and issubclass(cls, DataError):
-        error = cls(outcome["source"], outcome["line"], outcome["reason"], outcome["field"])
-    else:
-        try:
-            error = cls(outcome["message"])
-        except Exception:  # a class that takes other arguments: keep its name and message
-            error = RuntimeError(f"{outcome['type']}: {outcome['message']}")
-    error.add_note("raised in the token-store builder process:\n" + outcome["traceback"])
-    return error
-
-
-class ForwardingHandler(logging.Handler):
-    """The child's log records, one JSON line each on stderr, for forward_child_output."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        line = {"name": record.name, "level": record.levelno, "message": record.getMessage()}
-        sys.stderr.write(LOG_PREFIX + json.dumps(line) + "\n")
-        sys.stderr.flush()
-
-
-def child_main(request_path: str) -> int:
-    """The child process: builds the store of the pickled request, writes the outcome."""
-    root = logging.getLogger()
-    root.handlers[:] = [ForwardingHandler()]
-    root.setLevel(logging.INFO)
-    with open(request_path, "rb") as f:
-        job = pickle.load(f)
-    try:
-        build_store(
-            Path(job["directory"]),
-            job["path"],
-            job["tokenizer"],
-            workers=job["workers"],
-            **job["options"],
-        )
-    except Exception as err:
-        outcome = {
-            "type": f"{type(err).__module__}.{type(err).__qualname__}",
-            "message": str(err),
-            "traceback": traceback.format_exc(),
-            **{k: getattr(err, k, None) for k in ("source", "line", "reason", "field")},
-        }
-        Path(job["result"]).write_text(json.dumps(outcome, default=str), encoding="utf-8")
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    # Through the package's module (not __main__), so pickled classes and the pool's task
-    # function have their importable names.
-    from flux_jax.data.token_cache import child_main as _child_main
-
-    sys.exit(_child_main(sys.argv[1]))
