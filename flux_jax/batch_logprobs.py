@@ -39,99 +39,75 @@ def router_aux_loss(model: Any, out: Any, segment_ids_NxT: jax.Array) -> tuple[A
     return hidden, aux
 
 
-def paired_token_logprobs(
-    graphdef: nnx.GraphDef,
-    params: PyTree,
-    batch: dict[str, jax.Array],
-    chunk_size: int | None,
-    lora: ActiveAdapters | None = None,
-    *,
-    router_aux: bool = False,
-    stats: tuple[str, ...] = (),
-) -> tuple[Any, ...]:
-    """Per-token response log-probs [2B, T] (chosen rows first) and the paired loss mask;
-    `lora`: the adapters applied on top of `params` (None: the plain model). `router_aux` (MoE
-    models): also the router load-balancing loss, a third output. `stats`: LM-head statistics
-    (logprobs.HEAD_STATS) computed in the same pass, a last output {name: [2B, T]}."""
-    model = nnx.merge(graphdef, params)
-    paired = paired_inputs(batch)
-    scored_NxW = None
-    if "chosen_scored_positions" in batch:
-        scored_NxW = jnp.concatenate(
-            [batch["chosen_scored_positions"], batch["rejected_scored_positions"]], axis=0
-        )
-    hidden_NxTxD = model(
-        paired["input_ids"],
-        paired["positions"],
-        segment_ids_BxT=paired["segment_ids"],
-        return_hidden=True,
-        lora=lora,
-        return_router_logits=router_aux,
-    )
-    if router_aux:
-        hidden_NxTxD, aux = router_aux_loss(model, hidden_NxTxD, paired["segment_ids"])
-    token_logps_NxT, stats_NxT = logprobs.token_logprobs_and_stats(
-        hidden_NxTxD,
-        model.lm_head_weight(),  # fp32 master copy: chunk gradients accumulate in its dtype
-        paired["input_ids"],
-        paired["loss_mask"],
-        chunk_size=chunk_size,
-        compute_dtype=model.compute_dtype,
-        scored_positions_BxW=scored_NxW,
-        stats=stats,
-    )
-    out = (token_logps_NxT, paired["loss_mask"], *((aux,) if router_aux else ()))
-    return (*out, stats_NxT) if stats else out
-
-
 def is_shared_prefix(batch: dict[str, jax.Array]) -> bool:
     """Whether `batch` is in the shared-prefix / packed layout (flux_jax.data.packing)."""
     return "branch_ids" in batch
 
 
-def shared_prefix_token_logprobs(
-    graphdef: nnx.GraphDef,
-    params: PyTree,
+def _layout_rows(
     batch: dict[str, jax.Array],
-    chunk_size: int | None,
-    lora: ActiveAdapters | None = None,
-    *,
-    router_aux: bool = False,
-    stats: tuple[str, ...] = (),
-) -> jax.Array | tuple[Any, ...]:
-    """Per-token response log-probs [R, T] of shared-prefix / packed rows (and with `router_aux`
-    the router load-balancing loss; with `stats` a last output {name: [R, T]}, as
-    `paired_token_logprobs`).
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array | None]]:
+    """The rows one forward pass scores ([2B, T] chosen then rejected, or the packed [R, T] as
+    they are) and the layout's extra inputs to `_score_rows`.
 
-    One pass over `prompt | chosen | rejected` rows with the branch mask; every scored token is
-    predicted from the hidden state at its `source_index` (the last prompt token for the first
+    Shared-prefix rows hold `prompt | chosen | rejected` under a branch mask; every scored token
+    is predicted from the hidden state at its `source_index` (the last prompt token for the first
     rejected token), so each log-prob equals the standard layout's.
     """
+    if is_shared_prefix(batch):
+        return batch, {
+            "branch_ids_BxT": batch["branch_ids"],
+            "source_index_BxT": batch["source_index"],
+            "scored_positions_BxW": batch.get("scored_positions"),
+        }
+    scored_NxW = None
+    if "chosen_scored_positions" in batch:
+        scored_NxW = jnp.concatenate(
+            [batch["chosen_scored_positions"], batch["rejected_scored_positions"]], axis=0
+        )
+    return paired_inputs(batch), {"scored_positions_BxW": scored_NxW}
+
+
+def _score_rows(
+    graphdef: nnx.GraphDef,
+    params: PyTree,
+    rows: dict[str, jax.Array],
+    chunk_size: int | None,
+    lora: ActiveAdapters | None,
+    router_aux: bool,
+    stats: tuple[str, ...],
+    branch_ids_BxT: jax.Array | None = None,
+    source_index_BxT: jax.Array | None = None,
+    scored_positions_BxW: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None, dict[str, jax.Array]]:
+    """One forward pass over `rows` (input_ids, positions, segment_ids, loss_mask, [N, T]):
+    (token log-probs [N, T], the router load-balancing loss when `router_aux` else None, the
+    LM-head `stats`). Both layouts score through this (their extras from `_layout_rows`)."""
     model = nnx.merge(graphdef, params)
-    hidden_RxTxD = model(
-        batch["input_ids"],
-        batch["positions"],
-        segment_ids_BxT=batch["segment_ids"],
-        branch_ids_BxT=batch["branch_ids"],
+    hidden_NxTxD = model(
+        rows["input_ids"],
+        rows["positions"],
+        segment_ids_BxT=rows["segment_ids"],
+        branch_ids_BxT=branch_ids_BxT,
         return_hidden=True,
         lora=lora,
         return_router_logits=router_aux,
     )
+    aux = None
     if router_aux:
-        hidden_RxTxD, aux = router_aux_loss(model, hidden_RxTxD, batch["segment_ids"])
-    token_logps_RxT, stats_RxT = logprobs.token_logprobs_and_stats(
-        hidden_RxTxD,
-        model.lm_head_weight(),
-        batch["input_ids"],
-        batch["loss_mask"],
+        hidden_NxTxD, aux = router_aux_loss(model, hidden_NxTxD, rows["segment_ids"])
+    token_logps_NxT, stats_NxT = logprobs.token_logprobs_and_stats(
+        hidden_NxTxD,
+        model.lm_head_weight(),  # fp32 master copy: chunk gradients accumulate in its dtype
+        rows["input_ids"],
+        rows["loss_mask"],
         chunk_size=chunk_size,
         compute_dtype=model.compute_dtype,
-        source_index_BxT=batch["source_index"],
-        scored_positions_BxW=batch.get("scored_positions"),
+        source_index_BxT=source_index_BxT,
+        scored_positions_BxW=scored_positions_BxW,
         stats=stats,
     )
-    out = (token_logps_RxT, *((aux,) if router_aux else ()), *((stats_RxT,) if stats else ()))
-    return out if len(out) > 1 else token_logps_RxT
+    return token_logps_NxT, aux, stats_NxT
 
 
 def token_logprobs(
@@ -143,20 +119,40 @@ def token_logprobs(
     router_aux: bool = False,
     stats: tuple[str, ...] = (),
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, dict[str, jax.Array]]:
-    """Per-token log-probs and their loss mask, [2B, T] or [R, T] depending on the layout, the
-    router load-balancing loss when `router_aux` (else None), and the LM-head `stats` ({} when
-    none are asked for)."""
-    if is_shared_prefix(batch):
-        out = shared_prefix_token_logprobs(
-            graphdef, params, batch, chunk_size, lora, router_aux=router_aux, stats=stats
-        )
-        out = out if isinstance(out, tuple) else (out,)
-        aux = out[1] if router_aux else None
-        return out[0], batch["loss_mask"], aux, out[-1] if stats else {}
-    out = paired_token_logprobs(
-        graphdef, params, batch, chunk_size, lora, router_aux=router_aux, stats=stats
+    """Per-token log-probs and their loss mask, [2B, T] (chosen rows first) or [R, T] (packed)
+    depending on the layout, the router load-balancing loss when `router_aux` (MoE models; else
+    None), and the LM-head `stats` (logprobs.HEAD_STATS, {name: [N, T]}; {} when none are asked
+    for), all from one forward pass. `lora`: the adapters applied on top of `params` (None: the
+    plain model)."""
+    rows, layout = _layout_rows(batch)
+    token_logps_NxT, aux, stats_NxT = _score_rows(
+        graphdef, params, rows, chunk_size, lora, router_aux, stats, **layout
     )
-    return out[0], out[1], out[2] if router_aux else None, out[-1] if stats else {}
+    return token_logps_NxT, rows["loss_mask"], aux, stats_NxT
+
+
+def paired_token_logprobs(
+    graphdef: nnx.GraphDef,
+    params: PyTree,
+    batch: dict[str, jax.Array],
+    chunk_size: int | None,
+    lora: ActiveAdapters | None = None,
+    *,
+    router_aux: bool = False,
+    stats: tuple[str, ...] = (),
+) -> tuple[Any, ...]:
+    """`token_logprobs` of a standard-layout batch as (log-probs [2B, T], loss mask), then the
+    router loss when `router_aux`, then the `stats` dict when any are asked for."""
+    if is_shared_prefix(batch):
+        raise ValueError(
+            "paired_token_logprobs: this batch is in the shared-prefix / packed layout (it has "
+            "`branch_ids`); call batch_logprobs.token_logprobs, which handles both layouts"
+        )
+    token_logps_NxT, mask_NxT, aux, stats_NxT = token_logprobs(
+        graphdef, params, batch, chunk_size, lora, router_aux, stats
+    )
+    out = (token_logps_NxT, mask_NxT, *((aux,) if router_aux else ()))
+    return (*out, stats_NxT) if stats else out
 
 
 def pair_sums(values_NxT: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

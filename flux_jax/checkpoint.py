@@ -22,10 +22,10 @@ a missing item), warns and falls back to the next older one; the steps it skippe
 `<step>.damaged` (kept for inspection, out of the way of the next save of that step). A save that
 fails (disk full, file-size limit) raises `CheckpointSaveError` naming its step and the OS cause.
 
-Restores read orbax's tree metadata first and compare it with the caller's abstract target, so a
-checkpoint of another model shape fails with `CheckpointMismatchError` naming the parameters,
-before any array is read. Arrays restore onto the shardings of the abstract target, which may be
-a different mesh (e.g. saved over 8 devices, restored over 4).
+Restores read orbax's tree metadata first and compare it with the caller's abstract target
+(restore_targets.py), so a checkpoint of another model shape fails with `CheckpointMismatchError`
+naming the parameters, before any array is read. Arrays restore onto the shardings of the
+abstract target, which may be a different mesh (e.g. saved over 8 devices, restored over 4).
 
 Multi-host: every process calls every function here; orbax writes collectively, only process 0
 writes the JSON files and swaps `best` in, and a barrier keeps the others from running ahead.
@@ -52,6 +52,11 @@ from flux_jax.checkpoint_errors import (
     CheckpointSaveError,
     describe_error,
 )
+from flux_jax.restore_targets import (
+    abstract_of,  # noqa: F401  (imported from here too)
+    check_compatible,
+    check_shardings,
+)
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -62,55 +67,6 @@ BEST_STAGING_SUFFIX = ".staging"  # best: written whole here first
 BEST_OLD_SUFFIX = ".old"  # best: the previous one, for the instant between the two renames
 _DAMAGED_SUFFIX = ".damaged"  # a step directory that failed to restore, set aside
 MODEL_ASSETS_KEY = "model_assets"  # metadata: the run's config/tokenizer dir, relative to the ckpt
-
-
-# -- tree comparison ----------------------------------------------------------------------------
-
-
-def _key_name(entry: Any) -> str:
-    # Orbax stores namedtuples as dicts and tuples as lists: compare by name/index only.
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
-
-
-def check_compatible(path: str, saved_tree: PyTree, target_tree: PyTree) -> None:
-    """Raises CheckpointMismatchError unless both trees hold the same paths with the same shapes.
-
-    `saved_tree` is orbax's metadata tree (leaves with `.shape`); dtypes may differ (orbax casts
-    to the target's dtype on restore).
-    """
-    saved, target = _flat_shapes(saved_tree), _flat_shapes(target_tree)
-    mismatched = [(p, saved[p], target[p]) for p in target if p in saved and saved[p] != target[p]]
-    missing = [f"{p} {target[p]}" for p in target if p not in saved]
-    extra = [f"{p} {saved[p]}" for p in saved if p not in target]
-    if mismatched or missing or extra:
-        raise CheckpointMismatchError(path, mismatched, missing, extra)
-
-
-def abstract_of(tree: PyTree) -> PyTree:
-    """ShapeDtypeStructs with the shardings of a concrete tree: a restore target in its layout."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def check_shardings(abstract: PyTree) -> None:
-    """Raises ValueError unless every leaf of a restore target carries its sharding."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
-    missing = [
-        jax.tree_util.keystr(p) for p, leaf in flat if getattr(leaf, "sharding", None) is None
-    ]
-    if missing:
-        raise ValueError(
-            "restore targets need a sharding on every leaf (jax.ShapeDtypeStruct(shape, dtype, "
-            f"sharding=...); see abstract_of); none on: {', '.join(missing[:5])}"
-            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        )
 
 
 # -- rotating train-state checkpoints ----------------------------------------------------------

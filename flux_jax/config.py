@@ -68,17 +68,7 @@ class _Section(ml_collections.ConfigDict):
         if head not in schema or (dot and not isinstance(schema[head], dict)):
             raise ConfigError(unknown_key(f"{self._name}.{key}"))
         if isinstance(schema[head], dict):  # a section inside this one
-            sub = self._fields[head]
-            if dot:
-                sub[rest] = value
-            elif _is_mapping(value):
-                for sub_key, sub_value in value.items():
-                    sub[sub_key] = sub_value
-            else:
-                raise ConfigError(
-                    f"{path} is a section: set its keys ({', '.join(schema[head])}), "
-                    f"not {type(value).__name__} {value!r}"
-                )
+            _assign_in_section(self._fields[head], rest if dot else None, value)
             return
         value = coerce(path, schema[head], value)
         if schema[head].one_or_list:
@@ -108,6 +98,21 @@ class _Section(ml_collections.ConfigDict):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _restore_section, (self._name, self.to_dict())
+
+
+def _assign_in_section(section: _Section, key: str | None, value: Any) -> None:
+    """`section[key] = value`; with no key, `value` must be a mapping and each of its keys is set
+    (`config.algorithm = dict(beta=0.2)` updates those keys, the others keep their values)."""
+    if key is not None:
+        section[key] = value
+    elif _is_mapping(value):
+        for sub_key, sub_value in value.items():
+            section[sub_key] = sub_value
+    else:
+        raise ConfigError(
+            f"{section._name} is a section: set its keys "
+            f"({', '.join(section_schema(section._name))}), not {type(value).__name__} {value!r}"
+        )
 
 
 def _restore_section(name: str, values: Mapping[str, Any]) -> _Section:
@@ -266,17 +271,7 @@ class FluxConfig(ml_collections.ConfigDict):
     def __setitem__(self, key: str, value: Any) -> None:
         head, dot, rest = str(key).partition(".")
         if head in SECTIONS:
-            section = self._fields[head]
-            if dot:
-                section[rest] = value
-            elif _is_mapping(value):  # `config.algorithm = dict(beta=0.2)` updates those keys.
-                for sub_key, sub_value in value.items():
-                    section[sub_key] = sub_value
-            else:
-                raise ConfigError(
-                    f"{head} is a section: set its keys ({', '.join(SCHEMA[head])}), "
-                    f"not {type(value).__name__} {value!r}"
-                )
+            _assign_in_section(self._fields[head], rest if dot else None, value)
         elif dot or head not in SCHEMA:
             raise ConfigError(unknown_key(str(key)))
         else:

@@ -50,6 +50,20 @@ __all__ = [
 ]
 
 
+def _pair_logps(
+    summed_logps: tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None],
+    token_counts: tuple[jax.Array | None, jax.Array | None],
+    **token_logps: jax.Array | None,
+) -> PairLogps:
+    """The `PairLogps` of the public functions' arrays: summed (policy chosen, policy rejected,
+    ref chosen, ref rejected) log-probs, (chosen, rejected) token counts, and optionally the
+    per-token ones (policy_tokens, ref_tokens, token_mask)."""
+    chosen_counts, rejected_counts = token_counts
+    return PairLogps(
+        *summed_logps, chosen_counts=chosen_counts, rejected_counts=rejected_counts, **token_logps
+    )
+
+
 def dpo_objective_for(
     settings: DPOSettings, pair: PairLogps, loss_state: LossState | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -105,13 +119,9 @@ def dpo_loss(
         reference_free=reference_free,
         **options,
     )
-    pair = PairLogps(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        chosen_counts=chosen_token_counts,
-        rejected_counts=rejected_token_counts,
+    pair = _pair_logps(
+        (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps),
+        (chosen_token_counts, rejected_token_counts),
     )
     return preference_loss(settings, pair)
 
@@ -141,13 +151,9 @@ def dpo_objective(
     Returns `(loss, metrics)` where `loss` is the total; `metrics` has `dpo_loss`'s entries with
     `loss` replaced by the total and `dpo_loss` added, plus `sft_loss` and/or `kl` when enabled.
     """
-    pair = PairLogps(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        chosen_counts=chosen_token_counts,
-        rejected_counts=rejected_token_counts,
+    pair = _pair_logps(
+        (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps),
+        (chosen_token_counts, rejected_token_counts),
         policy_tokens=policy_token_logps,
         ref_tokens=ref_token_logps,
         token_mask=token_loss_mask,

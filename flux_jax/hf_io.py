@@ -32,6 +32,7 @@ from flux_jax.models.qwen.model import QwenForCausalLM, build_model
 
 # CheckpointError is public as flux_jax.CheckpointError and flux_jax.hf_io.CheckpointError.
 from flux_jax.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from flux_jax.tensor_inventory import inventory_problems
 
 log = logging.getLogger(__name__)
 
@@ -68,35 +69,18 @@ def _expected_tensors(cfg: QwenConfig, our_shapes: dict) -> dict[str, tuple]:
 
 
 def _check_tensors(ckpt: SafetensorsCheckpoint, expected: dict, cfg: QwenConfig) -> None:
-    missing = [k for k in expected if k not in ckpt.shape_of]
-    unexpected = [k for k in ckpt.shape_of if k not in expected]
-    if cfg.tie_word_embeddings and "lm_head.weight" in unexpected:
+    found = dict(ckpt.shape_of)
+    if cfg.tie_word_embeddings and "lm_head.weight" in found and "lm_head.weight" not in expected:
         # transformers ties the head to the embedding and ignores a stored copy; so do we.
         log.warning("%s: tie_word_embeddings=True; ignoring the stored lm_head.weight", ckpt.path)
-        unexpected.remove("lm_head.weight")
-    mismatched = [
-        f"{k}: checkpoint {ckpt.shape_of[k]}, config expects {exp[2]}"
-        for k, exp in expected.items()
-        if k in ckpt.shape_of and tuple(ckpt.shape_of[k]) != tuple(exp[2])
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {_summarise(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {_summarise(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:20])}")
+        del found["lm_head.weight"]
+    problems = inventory_problems(found, {name: exp[2] for name, exp in expected.items()})
     if problems:
         raise CheckpointError(
             f"{ckpt.path} does not match its config.json (model_type={cfg.model_type}, "
             f"layers={cfg.num_hidden_layers}, hidden={cfg.hidden_size}):\n  "
             + "\n  ".join(problems)
         )
-
-
-def _summarise(names: list[str], limit: int = 20) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 def _read_block(
@@ -120,12 +104,12 @@ def _read_block(
 
     n = entry.lead_dims  # leading axes that pick an HF tensor (layer; expert)
     if n == 0:
-        return np.asarray(one_layer(entry.hf_name, index, full_shape)).astype(dtype)
+        return np.asarray(one_layer(entry.hf_name, index, full_shape)).astype(dtype, copy=False)
     lead_ranges = [range(*s.indices(d)) for s, d in zip(index[:n], full_shape[:n], strict=True)]
     leads = list(itertools.product(*lead_ranges))
     tensors = [one_layer(entry.hf_name_at(lead), index[n:], full_shape[n:]) for lead in leads]
     lead_shape = tuple(len(r) for r in lead_ranges)
-    return np.stack(tensors).reshape(lead_shape + tensors[0].shape).astype(dtype)
+    return np.stack(tensors).reshape(lead_shape + tensors[0].shape).astype(dtype, copy=False)
 
 
 def _block_reader(

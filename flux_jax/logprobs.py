@@ -33,67 +33,17 @@ mean logit over the vocabulary (TRL's `logits/chosen`, `logits/rejected` metrics
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from flux_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, batch_multiple
-
-# Positions per LM-head chunk; also the config's model.logprob_chunk_size default.
+# Positions per LM-head chunk; also the config's model.logprob_chunk_size default (a run caps it
+# by memory: flux_jax/logprob_chunk.py).
 DEFAULT_CHUNK_SIZE = 512
 # The per-token statistics the head can return beside the log-probs (TRL's names).
 HEAD_STATS = ("log_sum_sq_probs", "mean_logits")
-
-
-def lm_head_chunk_size(
-    chunk_size: int | None,
-    *,
-    max_chunk_mib: float,
-    rows_per_step: int,
-    grad_accum_steps: int,
-    mesh_shape: Mapping[str, int] | None,
-    vocab_size: int,
-) -> int | None:
-    """The LM-head chunk a run uses: the trainer's, the memory plan's and tools/bench.py's rule.
-
-    `chunk_size` positions (0 or None = unchunked), capped so that one chunk's fp32 logits for
-    the rows one device holds of a micro-batch fit `max_chunk_mib` (0 = no cap). A step's
-    `rows_per_step` rows (2 x pairs in the standard layout: chosen and rejected) are split into
-    `grad_accum_steps` micro-batches and each over data x fsdp devices; the vocabulary is split
-    over the axis `LOGICAL_AXIS_RULES["vocab"]` names. `mesh_shape` is `mesh.shape`, a
-    {data, fsdp, tensor} mapping, or None for one device.
-    """
-    if mesh_shape is None:
-        mesh_shape = dict.fromkeys(MESH_AXES, 1)
-    rows_per_micro_batch = -(-rows_per_step // grad_accum_steps)  # ceil, in integers
-    vocab_ways = mesh_shape[LOGICAL_AXIS_RULES["vocab"]]
-    return capped_chunk_size(
-        chunk_size or None,
-        rows_per_device=-(-rows_per_micro_batch // batch_multiple(mesh_shape)),
-        vocab_per_device=-(-vocab_size // vocab_ways),
-        max_chunk_mib=max_chunk_mib,
-    )
-
-
-def capped_chunk_size(
-    chunk_size: int | None, rows_per_device: int, vocab_per_device: int, max_chunk_mib: float
-) -> int | None:
-    """The chunk to use: at most `chunk_size` positions, and few enough that one chunk's fp32
-    logits [rows_per_device, chunk, vocab_per_device] take at most `max_chunk_mib` MiB.
-
-    A fixed chunk in positions costs memory in proportion to the rows and the vocabulary: 512
-    positions of 8 rows are 128 MiB of logits at vocab 32k but 2.3 GiB at Qwen's 152k. The cap
-    keeps the head's peak close to a small-vocabulary model's. Multiples of 8 (sublane-aligned);
-    `max_chunk_mib` 0 (no cap) or a None chunk (unchunked) are returned as given.
-    """
-    if chunk_size is None or max_chunk_mib <= 0:
-        return chunk_size
-    fits = int(max_chunk_mib * 2**20 // (4 * max(rows_per_device, 1) * vocab_per_device))
-    capped = min(chunk_size, fits if fits < 8 else fits // 8 * 8)
-    return max(capped, 1)
 
 
 def _chunk_logits(
@@ -130,22 +80,17 @@ def _head_stat(name: str, logits_BxCxV: jax.Array, lse_BxC: jax.Array) -> jax.Ar
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunk_token_logprobs(
-    hidden_BxCxD: jax.Array,
-    lm_head_DxV: jax.Array,
-    targets_BxC: jax.Array,
-    mask_BxC: jax.Array,
-    compute_dtype: DTypeLike,
-    stats: tuple[str, ...],
-) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+def _chunk_token_logprobs(*chunk_args: Any) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Masked log p(target) for one chunk of positions, and the requested `stats` (each [B, C],
-    no gradient); the only place logits exist.
+    no gradient); the only place logits exist. Arguments as `_chunk_fwd`'s (hidden_BxCxD,
+    lm_head_DxV, targets_BxC, mask_BxC, compute_dtype, stats): a custom VJP's function and its
+    forward rule take the same ones, so they are spelled out once.
 
     A custom VJP so that neither pass keeps logits beyond the chunk: the forward saves only the
     [B, C] log-normaliser, and the backward recomputes the chunk's logits and turns them into
     d logits = g * (onehot - softmax) in one fused elementwise pass.
     """
-    return _chunk_fwd(hidden_BxCxD, lm_head_DxV, targets_BxC, mask_BxC, compute_dtype, stats)[0]
+    return _chunk_fwd(*chunk_args)[0]
 
 
 def _chunk_fwd(

@@ -26,7 +26,7 @@ from flux_jax.hf_io import as_dtype, load_pretrained
 from flux_jax.model_source import resolve_model_dir
 from flux_jax.models.qwen.config import QwenConfig
 from flux_jax.models.qwen.model import QwenForCausalLM, build_model
-from flux_jax.models.qwen.presets import BUILTIN_PREFIX, PRESETS
+from flux_jax.models.qwen.presets import BUILTIN_PREFIX, PRESETS, config_of_shape
 from flux_jax.quantization import BaseQuantization, quantize_base
 from flux_jax.sharding import batch_sharding, logical_sharding, state_shardings
 
@@ -238,12 +238,12 @@ def _architecture_of(params: Any) -> QwenConfig:
         dense_layers, mlp = 0, 1
         if "mlp" in params["layers"]:
             dense_layers, _, mlp = params["layers"]["mlp"]["gate_proj"]["kernel"].shape
-        moe_fields = {}
+        fields: dict[str, Any] = {"model_type": "qwen2" if "bias" in attn["q_proj"] else "qwen3"}
         if "moe" in params["layers"]:
             # Qwen3-MoE: only the counts of dense and sparse layers show in the shapes, so the
             # dense ones are put first; the axes and shapes are what callers use this for.
             _, experts, _, moe_mlp = params["layers"]["moe"]["experts"]["gate_proj"]["kernel"].shape
-            moe_fields = dict(
+            fields = dict(
                 model_type="qwen3_moe",
                 num_experts=experts,
                 num_experts_per_tok=1,
@@ -252,14 +252,7 @@ def _architecture_of(params: Any) -> QwenConfig:
             )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"not a Qwen parameter dict (as from nnx.to_pure_dict): {e!r}") from e
-    return QwenConfig(
-        **{"model_type": "qwen2" if "bias" in attn["q_proj"] else "qwen3", **moe_fields},
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=mlp,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        tie_word_embeddings="lm_head" not in params,
+    tied = "lm_head" not in params
+    return config_of_shape(
+        vocab, hidden, mlp, layers, heads, kv_heads, head_dim, tied=tied, **fields
     )

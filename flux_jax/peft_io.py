@@ -48,6 +48,7 @@ from flux_jax.peft_config import (
     settings_from_peft_config,
 )
 from flux_jax.sharding import to_host
+from flux_jax.tensor_inventory import inventory_problems
 
 PREFIX = "base_model.model.model.layers."
 _DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
@@ -202,44 +203,18 @@ def _adapters_from_tensors(
     tensors: dict[str, np.ndarray], cfg: QwenConfig, settings: LoraSettings, path: str
 ) -> dict[str, Any]:
     rank = settings.rank
-    expected: dict[str, tuple[str, int, str, tuple[int, int]]] = {}
+    expected: dict[str, tuple[int, int]] = {}  # PEFT's name -> its [out, in] shape
     for name in settings.target_modules:
-        group = TARGETS[name][0]
         in_shape, out_shape = projection_shapes(cfg, name)
-        for j, layer in enumerate(hf_layers(cfg, group)):
-            expected[peft_name(layer, name, "lora_a")] = (
-                name,
-                j,
-                "lora_a",
-                (rank, math.prod(in_shape)),
-            )
-            expected[peft_name(layer, name, "lora_b")] = (
-                name,
-                j,
-                "lora_b",
-                (math.prod(out_shape), rank),
-            )
-    unknown = sorted(set(tensors) - set(expected))
-    missing = sorted(set(expected) - set(tensors))
-    wrong = [
-        f"{k} {tuple(tensors[k].shape)} (expected {expected[k][3]})"
-        for k in sorted(set(tensors) & set(expected))
-        if tuple(tensors[k].shape) != expected[k][3]
-    ]
-    problems = []
-    if unknown:
-        problems.append(
-            f"{len(unknown)} tensor(s) this model and target_modules "
-            f"{list(settings.target_modules)} do not have: {_first(unknown)}"
-        )
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) missing: {_first(missing)}")
-    if wrong:
-        problems.append(f"shape mismatch: {_first(wrong)}")
+        for layer in hf_layers(cfg, TARGETS[name][0]):
+            expected[peft_name(layer, name, "lora_a")] = (rank, math.prod(in_shape))
+            expected[peft_name(layer, name, "lora_b")] = (math.prod(out_shape), rank)
+    problems = inventory_problems({k: v.shape for k, v in tensors.items()}, expected)
     if problems:
         raise PeftAdapterError(
             f"{path} does not fit this base model ({cfg.model_type}, {cfg.num_hidden_layers} "
-            f"layers, hidden {cfg.hidden_size}) with rank {rank}:\n  " + "\n  ".join(problems)
+            f"layers, hidden {cfg.hidden_size}) with rank {rank} and target_modules "
+            f"{list(settings.target_modules)}:\n  " + "\n  ".join(problems)
         )
     adapters: dict[str, Any] = {"layers": {}}
     for name in settings.target_modules:
@@ -284,8 +259,3 @@ def load_peft_adapter_onto(
     LoRA `settings` and placed on the base's mesh like fresh adapters."""
     adapters, _ = load_peft_adapter(adapter_dir, base_cfg, settings)
     return place_adapters(adapters, base_params, settings)
-
-
-def _first(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")

@@ -8,7 +8,8 @@ the DPO settings (flux_jax.dpo); with algorithm.ref_sync (TR-DPO) the reference 
 train state and a hook moves it towards the policy every N steps (flux_jax.ref_sync). With LoRA
 (model.lora.rank > 0, flux_jax.lora) the policy is a frozen base plus adapters, only the adapters
 train, and the reference is that same base with the adapters off: no reference copy is made.
-fit() sets up the data (flux_jax.train_data), the state and the checkpointer, then runs the loop:
+fit() sets up the data (flux_jax.train_data), the state and the parts built from the config
+(flux_jax.run_parts: checkpointer, jitted step, metrics log), then runs the loop:
 one jitted step per batch, and everything else as hooks with an interval (flux_jax.hooks): step
 callbacks, eval, checkpoint saves, `best`.
 
@@ -30,7 +31,7 @@ import jax
 import numpy as np
 
 from flux_jax import checkpoint as ckpt_lib
-from flux_jax import optim, ref_sync, run_lock, train_data
+from flux_jax import optim, ref_sync, run_lock, run_parts, train_data
 from flux_jax import train_step as ts
 from flux_jax.adapter_checkpoint import BaseModel, check_matches
 from flux_jax.best_checkpoint import BestTracker, load_params
@@ -40,17 +41,16 @@ from flux_jax.distributed import initialize_distributed, is_main_process
 from flux_jax.dpo import DPOSettings, initial_loss_state
 from flux_jax.hooks import Hooks, StepState
 from flux_jax.lora import LoraSettings, init_adapters
-from flux_jax.metrics_log import MetricsLog, summarise
+from flux_jax.metrics_log import summarise
 from flux_jax.model_setup import ModelOptions, load_model, load_tokenizer
-from flux_jax.models.qwen.moe import resolve_router_aux_loss_coef
 from flux_jax.peft_io import load_peft_adapter_onto
 from flux_jax.policy import Policy, as_reference
 from flux_jax.preemption import install_preemption_handler
 from flux_jax.run_files import check_resumable, checkpoint_metadata, write_run_files
-from flux_jax.sharding import mesh_from_config, shard_batch, state_shardings_of, to_host
+from flux_jax.sharding import mesh_from_config, shard_batch, to_host
 from flux_jax.sharding_check import check_sharding
 from flux_jax.step_metrics import StepMetrics, StepResult
-from flux_jax.trackers import check_tracker_packages, open_trackers, tracker_settings
+from flux_jax.trackers import check_tracker_packages, tracker_settings
 from flux_jax.train_data import DEMO_EVAL, DEMO_TRAIN  # noqa: F401  (imported from here too)
 
 PyTree = Any
@@ -257,43 +257,14 @@ class _Run:
             self.base_model = BaseModel.of(cfg.model_path, cfg.seed, cfg.model.lora)
         if self.syncs_reference:  # donated to the first step: the state now owns it
             state[ref_sync.STATE_KEY], self.frozen = self.ref_params, None
-        self.checkpointer = ckpt_lib.TrainCheckpointer(
-            os.path.join(output_dir, "checkpoints"),
-            max_to_keep=cfg.checkpoint.max_to_keep,
-            save_interval_steps=cfg.checkpoint.save_steps,
-            async_save=cfg.checkpoint.async_save,
-        )
+        self.checkpointer = run_parts.train_checkpointer(cfg, output_dir)
         resumed_from, state = self._restore(state, self.iterator)
         self.best = BestTracker(
             os.path.join(output_dir, "best"), has_eval=eval_examples is not None
         )
         start = int(to_host(state["step"]))
-        step_fn = ts.make_train_step(
-            policy.graphdef,
-            tx,
-            schedule,
-            self.settings,
-            state_shardings=state_shardings_of(state),
-            router_aux_loss_coef=resolve_router_aux_loss_coef(
-                cfg.algorithm.router_aux_loss_coef, policy.model_config
-            ),
-            lora=policy.lora,
-            dropout_seed=cfg.seed,
-        )
-        self.mlog = MetricsLog(
-            output_dir,
-            num_steps=cfg.num_steps,
-            start_step=start,
-            every_steps=cfg.logging.every_steps,
-            tensorboard=cfg.logging.tensorboard,
-            progress_bar=cfg.logging.progress_bar,
-            enabled=self.main,
-            trackers=(
-                open_trackers(tracker_settings(cfg.logging), cfg.to_dict(), output_dir)
-                if self.main
-                else ()
-            ),
-        )
+        step_fn = run_parts.train_step_fn(cfg, policy, tx, schedule, self.settings, state)
+        self.mlog = run_parts.metrics_log(cfg, output_dir, start, self.main)
         if resumed_from is not None:
             self.mlog.message(f"resumed from {self.checkpointer.directory} step {resumed_from}")
         if self.main:

@@ -298,6 +298,21 @@ def test_assignment_is_type_checked():
     assert isinstance(config.algorithm.beta, float)
 
 
+def test_sections_take_a_mapping_of_their_keys_at_any_depth():
+    """`config.section = {...}` sets those keys and keeps the others, for a top-level section and
+    one inside a section alike; anything else names the section and its keys."""
+    config = FluxConfig.default()
+    config.algorithm = dict(beta=0.3)
+    config.model.lora = dict(rank=8)
+    config["model.lora"] = {"alpha": 4.0}
+    assert (config.algorithm.beta, config.model.lora.rank, config.model.lora.alpha) == (0.3, 8, 4.0)
+    assert config.algorithm.loss_type == FluxConfig.default().algorithm.loss_type
+    with pytest.raises(ConfigError, match=r"algorithm is a section: set its keys \(name, beta, "):
+        config.algorithm = 0.2
+    with pytest.raises(ConfigError, match=r"model\.lora is a section: set its keys \(rank, alpha"):
+        config.model.lora = 8
+
+
 def test_all_problems_are_reported_at_once(tmp_path):
     message = load_error(tmp_path, "num_step: 1\nbatch_size: x\nalgorithm:\n  bta: 1\n")
     assert "3 problems" in message

@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flux_jax import logprobs
-from flux_jax.logprobs import capped_chunk_size, token_counts
+from flux_jax.logprob_chunk import capped_chunk_size, lm_head_chunk_size
+from flux_jax.logprobs import token_counts
 
 # Jitted once per static configuration: eager op-by-op dispatch would dominate the test time.
 _STATIC = ("chunk_size", "compute_dtype")
@@ -253,7 +254,7 @@ def test_lm_head_chunk_size_caps_for_one_device_s_rows(
 ):
     """The trainer's, the memory plan's and the bench's chunk: capped_chunk_size of the rows and
     the vocabulary one device holds of a micro-batch."""
-    got = logprobs.lm_head_chunk_size(
+    got = lm_head_chunk_size(
         512,
         max_chunk_mib=256,
         rows_per_step=2 * pairs,
@@ -263,7 +264,7 @@ def test_lm_head_chunk_size_caps_for_one_device_s_rows(
     )
     assert got == capped_chunk_size(512, expected_rows, expected_vocab, 256)
     # 0 means unchunked, whatever the cap.
-    unchunked = logprobs.lm_head_chunk_size(
+    unchunked = lm_head_chunk_size(
         0,
         max_chunk_mib=256,
         rows_per_step=2 * pairs,

@@ -118,7 +118,8 @@ def test_expert_mesh_errors():
 def test_plan_splits_the_experts_over_the_expert_axis():
     """`flux-jax plan`'s parameter blocks: expert kernels divided by expert x fsdp, attention
     by fsdp only; the activation estimate gathers only the local experts."""
-    from flux_jax.memory_plan import activation_terms, memory_plan, param_blocks
+    from flux_jax.activation_memory import activation_terms
+    from flux_jax.memory_plan import memory_plan, param_blocks
     from flux_jax.models.qwen.presets import resolve_architecture
 
     cfg = resolve_architecture("builtin:tiny-qwen3-moe")

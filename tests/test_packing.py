@@ -201,6 +201,16 @@ def test_layouts_match_the_standard_one(standard, pairs_per_row, share_prefix):
     assert float(m_s["kl"]) > 0  # not vacuous: the policy differs from the reference
 
 
+def test_paired_scoring_refuses_packed_rows():
+    """paired_token_logprobs reads chosen_*/rejected_* rows: a packed batch gets a ValueError
+    naming the function that scores both layouts, not a KeyError from inside the pass."""
+    host = collate_shared_prefix(
+        _examples(2, seed=5), 0, BUCKETS, pairs_per_row=2, share_prefix=True
+    )
+    with pytest.raises(ValueError, match="call batch_logprobs.token_logprobs"):
+        batch_logprobs.paired_token_logprobs(None, None, host, 8)
+
+
 def test_packed_accumulation_and_precomputed_reference(standard):
     graphdef, params, ref_params, examples, (_, _, m_s, _) = standard
     # Reference log-probs scored on packed rows, attached to the examples, collated again.

@@ -20,6 +20,8 @@ import pytest
 from flux_jax.data import DataError, load_preference_examples, preference_batches
 from flux_jax.data import token_cache as tc
 from flux_jax.data import token_store as ts
+from flux_jax.data.loading import LoadSettings
+from flux_jax.data.records import DEFAULT_MAX_RECORD_BYTES
 from flux_jax.tiny_tokenizer import DEMO_DATA, build_tiny_tokenizer
 
 LENGTHS = {"max_length": 48, "max_prompt_length": 16}  # truncates about a third of the demo
@@ -139,13 +141,40 @@ def test_reuse_maps_the_store_without_tokenising(tmp_path, tokenizer, monkeypatc
         raise AssertionError("the tokenizer was called on reuse")
 
     monkeypatch.setattr(type(tokenizer), "__call__", no_tokenizing)
-    monkeypatch.setattr(tc, "load_text_pairs", no_tokenizing)
+    monkeypatch.setattr(tc, "load_share", no_tokenizing)
     with caplog.at_level(logging.INFO):
         again, stats = tc.load_cached_examples(path, tokenizer, cache_dir=tmp_path, **options)
     assert stats == first_stats and stats.bad_records == 2
     assert_same_examples(again, list(first))
     # The stored stats are reported again: the skipped records and the truncation.
     assert "skipped 2 bad records" in caplog.text and "pairs truncated" in caplog.text
+
+
+def test_a_load_settings_object_loads_what_its_keywords_load(tmp_path, tokenizer):
+    """A LoadSettings passed whole gives the keyword form's examples and the same store (its
+    key dict is the keyword form's, so stores built before LoadSettings still hit)."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", demo_rows()[:40], bad_lines=False)
+    options = {"data_format": "preferences", **LENGTHS}
+    settings = LoadSettings(**options)
+    assert settings.to_dict() == {
+        **options,
+        "drop_truncated": False,
+        "on_bad_record": "error",
+        "max_record_bytes": DEFAULT_MAX_RECORD_BYTES,
+        "process_index": 0,
+        "process_count": 1,
+        "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+        "tokenization": "separate",
+    }
+    examples, stats = load_preference_examples(path, tokenizer, settings)
+    store, store_stats = tc.load_cached_examples(path, tokenizer, settings, cache_dir=tmp_path)
+    again, _ = tc.load_cached_examples(path, tokenizer, cache_dir=tmp_path, **options)
+    assert store_stats == stats
+    assert_same_examples(store, examples)
+    assert_same_examples(again, examples)
+    assert len(list(tmp_path.glob("*-p0of1"))) == 1  # the keywords mapped the same store
+    with pytest.raises(TypeError, match="not both"):
+        load_preference_examples(path, tokenizer, settings, max_length=64)
 
 
 def test_key_changes_with_every_setting(tmp_path, tokenizer):
@@ -298,8 +327,8 @@ def test_config_keys_reach_the_store(monkeypatch):
     seen = {}
 
     def fake(name):
-        def load(path, tokenizer, **options):
-            seen[name] = options
+        def load(path, tokenizer, settings, **options):
+            seen[name] = {**settings.to_dict(), **options}
             return [], None
 
         return load

@@ -391,7 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from flux_jax import dpo, flops, logprobs, optim
+    from flux_jax import dpo, flops, logprob_chunk, optim
     from flux_jax import train_step as ts
     from flux_jax.models.qwen.presets import PRESETS
     from flux_jax.sharding import make_mesh, shard_batch, state_shardings_of
@@ -424,7 +424,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else args.batch // (args.pairs_per_row if args.layout == "packed" else 1)
     )
     args.chunk, args.chunk_mib = with_config_defaults(args.chunk, args.chunk_mib)
-    chunk = logprobs.lm_head_chunk_size(
+    chunk = logprob_chunk.lm_head_chunk_size(
         args.chunk,
         max_chunk_mib=args.chunk_mib,
         rows_per_step=rows,

@@ -17,10 +17,10 @@ import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from flux_jax.data.loading import LoadSettings
 from flux_jax.data.records import DataError
 
 log = logging.getLogger("flux_jax.data.token_cache")
@@ -33,7 +33,7 @@ def build_in_child(
     path: str | Path,
     tokenizer: PreTrainedTokenizerBase,
     workers: int,
-    options: dict[str, Any],
+    settings: LoadSettings,
 ) -> None:
     """`build_store` in a child process (module docstring); its log records are re-emitted
     here and its error, if any, raised here."""
@@ -43,7 +43,7 @@ def build_in_child(
     with tempfile.TemporaryDirectory(prefix="flux_jax_tokens_") as tmp:
         request, result = Path(tmp) / "request.pkl", Path(tmp) / "result.json"
         job = {"directory": str(directory), "path": str(path), "tokenizer": tokenizer}
-        job |= {"workers": workers, "options": options, "result": str(result)}
+        job |= {"workers": workers, "settings": settings, "result": str(result)}
         with request.open("wb") as f:
             pickle.dump(job, f)
         command = [sys.executable, "-m", "flux_jax.data.builder_process", str(request)]
@@ -117,8 +117,8 @@ def child_main(request_path: str) -> int:
             Path(job["directory"]),
             job["path"],
             job["tokenizer"],
+            job["settings"],
             workers=job["workers"],
-            **job["options"],
         )
     except Exception as err:
         outcome = {

@@ -13,14 +13,18 @@ With on_bad_record="skip", a bad record is skipped and counted, and a damaged sh
 `flux_jax.data.records.ShardReadError`) loses its unreadable rest, counted as a shard cut short;
 with "error" either stops loading. Pairs repeating an earlier one's text exactly are kept (some
 datasets repeat pairs on purpose) but counted and warned about.
+
+`LoadSettings` holds every setting of a load (the keywords of `load_preference_examples`); the
+token store (flux_jax.data.token_cache) takes the same object and keys its stores on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -48,65 +52,94 @@ BAD_RECORD_POLICIES = ("error", "skip")
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadSettings:
+    """Everything a load of preference data depends on besides the data and the tokenizer:
+    `load_preference_examples`' keywords. Built once per load and passed down (the token store,
+    its builder process and its workers take it whole); `to_dict()` is what the token store's key
+    and meta.json record. `columns` is held normalised (sources.column_mapping)."""
+
+    data_format: str
+    max_length: int
+    max_prompt_length: int
+    drop_truncated: bool = False
+    on_bad_record: str = "error"
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    process_index: int = 0
+    process_count: int = 1
+    columns: Mapping[str, str] | None = None
+    tokenization: str = "separate"
+
+    def __post_init__(self) -> None:
+        check_lengths(self.max_length, self.max_prompt_length)
+        object.__setattr__(self, "columns", column_mapping(self.columns))
+
+    @classmethod
+    def of(cls, settings: LoadSettings | None, options: Mapping[str, Any]) -> LoadSettings:
+        """`settings`, or the LoadSettings of `options` (its fields as keywords); not both."""
+        if settings is None:
+            return cls(**options)
+        if options:
+            raise TypeError(
+                f"pass a LoadSettings or its fields as keywords, not both (got {sorted(options)})"
+            )
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def load_preference_examples(
     path: str | Path,
     tokenizer: PreTrainedTokenizerBase,
-    *,
-    data_format: str,
-    max_length: int,
-    max_prompt_length: int,
-    drop_truncated: bool = False,
-    on_bad_record: str = "error",
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-    process_index: int = 0,
-    process_count: int = 1,
-    columns: Mapping[str, str] | None = None,
-    tokenization: str = "separate",
+    settings: LoadSettings | None = None,
+    **options: Any,
 ) -> tuple[list[PreferenceExample], DataStats]:
     """This process's share of the pairs at `path`, tokenised (by `tokenization`, see
-    flux_jax.data.tokenization) and truncated, in file order."""
-    check_lengths(max_length, max_prompt_length)
-    text_pairs, stats = load_text_pairs(
-        path,
-        tokenizer,
-        data_format=data_format,
-        on_bad_record=on_bad_record,
-        max_record_bytes=max_record_bytes,
-        columns=columns,
-        tokenization=tokenization,
-    )
-    share = process_share(text_pairs, process_index, process_count)
-    examples = truncate_examples(
-        tokenize_pairs(share, tokenizer, tokenization),
-        stats,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        drop_truncated=drop_truncated,
-    )
+    flux_jax.data.tokenization) and truncated, in file order. `settings`: a LoadSettings, or its
+    fields as keywords (data_format=..., max_length=..., max_prompt_length=..., ...)."""
+    settings = LoadSettings.of(settings, options)
+    share, stats = load_share(path, tokenizer, settings)
+    tokenized = tokenize_pairs(share, tokenizer, settings.tokenization)
+    examples = truncate_examples(tokenized, stats, settings)
     stats.pairs_kept = len(examples)
-    log_truncation(path, stats, drop_truncated)
+    log_truncation(path, stats, settings.drop_truncated)
     return examples, stats
 
 
+def load_share(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, settings: LoadSettings
+) -> tuple[list[TextPair], DataStats]:
+    """Steps 1 and 2 (module docstring): this process's share of the valid pairs at `path`, as
+    text, and the read counts of all of them."""
+    text_pairs, stats = load_text_pairs(
+        path,
+        tokenizer,
+        data_format=settings.data_format,
+        on_bad_record=settings.on_bad_record,
+        max_record_bytes=settings.max_record_bytes,
+        columns=settings.columns,
+        tokenization=settings.tokenization,
+    )
+    return process_share(text_pairs, settings.process_index, settings.process_count), stats
+
+
 def truncate_examples(
-    examples: list[PreferenceExample],
-    stats: DataStats,
-    *,
-    max_length: int,
-    max_prompt_length: int,
-    drop_truncated: bool,
+    examples: list[PreferenceExample], stats: DataStats, settings: LoadSettings
 ) -> list[PreferenceExample]:
     """`examples` truncated (flux_jax.data.tokenization step 3), less the truncated ones with
     `drop_truncated`; counts them in `stats` (pairs_seen, the truncation counts, pairs_dropped).
     The token store (flux_jax.data.token_cache) runs it chunk by chunk."""
     kept = []
     for example in examples:
-        example, truncation = truncate_example(example, max_length, max_prompt_length)
+        example, truncation = truncate_example(
+            example, settings.max_length, settings.max_prompt_length
+        )
         stats.pairs_seen += 1
         stats.prompts_truncated += truncation.prompt
         stats.responses_truncated += truncation.chosen + truncation.rejected
         stats.pairs_truncated += truncation.any
-        if truncation.any and drop_truncated:
+        if truncation.any and settings.drop_truncated:
             stats.pairs_dropped += 1
             continue
         kept.append(example)
@@ -155,9 +188,38 @@ def load_text_pairs(
     stats = DataStats()
     pairs: list[TextPair] = []
     first_index: dict[int, int] = {}  # hash of a pair's texts -> index of its first occurrence
+
+    def parse(record: Any) -> TextPair:
+        pair = parse_record(record, data_format, roles, columns, tokenization=tokenization)
+        if isinstance(pair, ChatPair):
+            pair = render_chat_pair(pair, tokenizer, trim_eos=tokenization != "joint")
+        return pair
+
     records = read_source_records(
         path, data_format=data_format, columns=columns, max_record_bytes=max_record_bytes
     )
+    for pair in parsed_records(records, parse, stats, on_bad_record):
+        if pair.chosen == pair.rejected:
+            stats.identical_pairs += 1
+            if stats.identical_pairs <= MAX_EXAMPLES:
+                logger.warning("%s:%d: chosen and rejected are identical", pair.source, pair.line)
+        note_if_duplicate(stats, pair, pairs, first_index)
+        pairs.append(pair)
+    stats.pairs_valid = len(pairs)
+    log_summary(path, stats)
+    return pairs, stats
+
+
+def parsed_records(
+    records: Iterable[Any],
+    parse: Callable[[Any], T],
+    stats: DataStats,
+    on_bad_record: str,
+) -> Iterator[T]:
+    """`parse(record)` of each record read (flux_jax.data.sources.read_source_records), in order.
+    A bad record (a DataError from the reader or from `parse`) or a damaged shard's unreadable
+    rest (ShardReadError) is raised with on_bad_record "error", else skipped and counted in
+    `stats`, which also counts the records read."""
     for item in records:
         if isinstance(item, ShardReadError):
             if on_bad_record == "error":
@@ -168,23 +230,13 @@ def load_text_pairs(
         try:
             if isinstance(item, DataError):
                 raise item
-            pair = parse_record(item, data_format, roles, columns, tokenization=tokenization)
-            if isinstance(pair, ChatPair):
-                pair = render_chat_pair(pair, tokenizer, trim_eos=tokenization != "joint")
+            parsed = parse(item)
         except DataError as err:
             if on_bad_record == "error":
                 raise
             note_bad_record(stats, err)
             continue
-        if pair.chosen == pair.rejected:
-            stats.identical_pairs += 1
-            if stats.identical_pairs <= MAX_EXAMPLES:
-                logger.warning("%s:%d: chosen and rejected are identical", pair.source, pair.line)
-        note_if_duplicate(stats, pair, pairs, first_index)
-        pairs.append(pair)
-    stats.pairs_valid = len(pairs)
-    log_summary(path, stats)
-    return pairs, stats
+        yield parsed
 
 
 def note_if_duplicate(

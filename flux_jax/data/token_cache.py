@@ -3,11 +3,12 @@
 
     store, stats = load_cached_examples(path, tokenizer, data_format=..., max_length=..., ...)
 
-takes the options of `flux_jax.data.loading.load_preference_examples` and returns what it returns
-(the same examples, as a lazy sequence, and the same DataStats) plus `cache_dir` and `workers`.
+takes the settings of `flux_jax.data.loading.load_preference_examples` (a LoadSettings or its
+fields as keywords) plus `cache_dir` and `workers`, and returns what it returns (the same
+examples, as a lazy sequence, and the same DataStats).
 
-Building runs load_preference_examples' own steps: `load_text_pairs` (read, validate, render,
-count bad and duplicate records) and `process_share` in one process, then `tokenize_pairs` and
+Building runs load_preference_examples' own steps: `load_share` (read, validate, render, count
+bad and duplicate records, take this process's share) in one process, then `tokenize_pairs` and
 `truncate_examples` on chunks of TOKENIZE_CHUNK pairs in `workers` processes, each chunk appended
 to the store's files as it comes back, in order.
 
@@ -29,7 +30,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,14 @@ from transformers import PreTrainedTokenizerBase
 from flux_jax.data.builder_process import build_in_child
 from flux_jax.data.formats import TextPair
 from flux_jax.data.loading import (
-    load_text_pairs,
+    LoadSettings,
+    load_share,
     log_summary,
     log_truncation,
-    process_share,
     truncate_examples,
 )
-from flux_jax.data.records import DEFAULT_MAX_RECORD_BYTES, DataError
-from flux_jax.data.sources import column_mapping, resolve_source
+from flux_jax.data.records import DataError
+from flux_jax.data.sources import resolve_source
 from flux_jax.data.stats import DataStats
 from flux_jax.data.token_store import (
     StoreDamaged,
@@ -59,7 +60,6 @@ from flux_jax.data.token_store import (
 )
 from flux_jax.data.tokenization import (
     TOKENIZE_CHUNK,
-    check_lengths,
     log_prompts_cut,
     tokenize_pairs,
 )
@@ -88,39 +88,22 @@ CHUNKS_PER_PROGRESS_LINE = 50  # ~100k pairs between "tokenised N of M pairs" li
 def load_cached_examples(
     path: str | Path,
     tokenizer: PreTrainedTokenizerBase,
+    settings: LoadSettings | None = None,
     *,
-    data_format: str,
-    max_length: int,
-    max_prompt_length: int,
-    drop_truncated: bool = False,
-    on_bad_record: str = "error",
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-    process_index: int = 0,
-    process_count: int = 1,
-    columns: Mapping[str, str] | None = None,
-    tokenization: str = "separate",
     cache_dir: str | Path = "",
     workers: int = 0,
     in_process_max_bytes: int = IN_PROCESS_MAX_BYTES,
+    **options: Any,
 ) -> tuple[TokenStore, DataStats]:
     """load_preference_examples' examples and stats, from the store of these data and settings,
-    built first if there is none. `cache_dir` '' = token_store.default_cache_dir(); `workers`
+    built first if there is none. `settings`: a LoadSettings, or its fields as keywords (as
+    load_preference_examples). `cache_dir` '' = token_store.default_cache_dir(); `workers`
     0 = min(8, CPU count) processes to tokenise a large new store."""
-    check_lengths(max_length, max_prompt_length)
-    options = {
-        "data_format": data_format,
-        "max_length": max_length,
-        "max_prompt_length": max_prompt_length,
-        "drop_truncated": drop_truncated,
-        "on_bad_record": on_bad_record,
-        "max_record_bytes": max_record_bytes,
-        "process_index": process_index,
-        "process_count": process_count,
-        "columns": column_mapping(columns),
-        "tokenization": tokenization,
-    }
-    key = store_key(path, tokenizer, options)
-    directory = store_directory(cache_dir or default_cache_dir(), key, process_index, process_count)
+    settings = LoadSettings.of(settings, options)
+    key = store_key(path, tokenizer, settings.to_dict())
+    directory = store_directory(
+        cache_dir or default_cache_dir(), key, settings.process_index, settings.process_count
+    )
     store = open_existing(directory)
     if store is not None:
         log.info("%s: %d tokenised pairs mapped from %s", path, len(store), directory)
@@ -129,9 +112,9 @@ def load_cached_examples(
     start = time.perf_counter()
     size = source_bytes(path)
     if size is not None and size <= in_process_max_bytes:
-        build_store(directory, path, tokenizer, workers=1, **options)
+        build_store(directory, path, tokenizer, settings, workers=1)
     else:
-        build_in_child(directory, path, tokenizer, resolve_workers(workers), options)
+        build_in_child(directory, path, tokenizer, resolve_workers(workers), settings)
     store = TokenStore.open(directory)
     log.info(
         "%s: tokenised %d pairs into the token store %s in %.1f s (later runs map it)",
@@ -191,29 +174,17 @@ class ChunkResult:
 
 
 def tokenize_chunk(
-    pairs: list[TextPair],
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    tokenization: str,
-    max_length: int,
-    max_prompt_length: int,
-    drop_truncated: bool,
+    pairs: list[TextPair], tokenizer: PreTrainedTokenizerBase, settings: LoadSettings
 ) -> ChunkResult:
     """`pairs` as load_preference_examples tokenises and truncates them. A DataError comes back
     as its fields (an exception with required arguments does not survive pickling)."""
     stats = DataStats()
     prompts_cut: list[tuple[str, int, list[int]]] = []
     try:
-        examples = tokenize_pairs(pairs, tokenizer, tokenization, prompts_cut)
+        examples = tokenize_pairs(pairs, tokenizer, settings.tokenization, prompts_cut)
     except DataError as err:
         return ChunkResult(None, {}, error=(err.source, err.line, err.reason, err.field))
-    kept = truncate_examples(
-        examples,
-        stats,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        drop_truncated=drop_truncated,
-    )
+    kept = truncate_examples(examples, stats, settings)
     return ChunkResult(
         TokenChunk.from_examples(kept),
         {name: getattr(stats, name) for name in CHUNK_COUNTS},
@@ -226,68 +197,31 @@ def build_store(
     directory: Path,
     path: str | Path,
     tokenizer: PreTrainedTokenizerBase,
+    settings: LoadSettings,
     *,
     workers: int,
-    data_format: str,
-    max_length: int,
-    max_prompt_length: int,
-    drop_truncated: bool,
-    on_bad_record: str,
-    max_record_bytes: int,
-    process_index: int,
-    process_count: int,
-    columns: Mapping[str, str],
-    tokenization: str,
 ) -> DataStats:
     """Writes the store of this process's share of `path` to `directory` (module docstring)
     with `workers` processes (1 = this one); returns the stats it stored."""
-    chunk_options = {
-        "tokenization": tokenization,
-        "max_length": max_length,
-        "max_prompt_length": max_prompt_length,
-        "drop_truncated": drop_truncated,
-    }
     # The pool is forked before the texts are read, so the workers start small.
-    pool = start_pool(workers, tokenizer, chunk_options) if workers > 1 else None
+    pool = start_pool(workers, tokenizer, settings) if workers > 1 else None
     try:
-        text_pairs, stats = load_text_pairs(
-            path,
-            tokenizer,
-            data_format=data_format,
-            on_bad_record=on_bad_record,
-            max_record_bytes=max_record_bytes,
-            columns=columns,
-            tokenization=tokenization,
-        )
-        share = process_share(text_pairs, process_index, process_count)
-        del text_pairs  # the other processes' pairs
+        share, stats = load_share(path, tokenizer, settings)
         chunks = (share[i : i + TOKENIZE_CHUNK] for i in range(0, len(share), TOKENIZE_CHUNK))
         if pool is not None:
             results: Iterable[ChunkResult] = pool.map(tokenize_in_worker, chunks)
         else:
-            results = (tokenize_chunk(c, tokenizer, **chunk_options) for c in chunks)
+            results = (tokenize_chunk(c, tokenizer, settings) for c in chunks)
         with StoreWriter(directory) as writer:
             cut_count, first_cut = write_chunks(writer, results, stats, len(share))
             stats.pairs_kept = writer.pairs
-            log_truncation(path, stats, drop_truncated)
+            log_truncation(path, stats, settings.drop_truncated)
             if cut_count:
                 log_prompts_cut(cut_count, len(share), first_cut, tokenizer)
             writer.finish(
                 {
                     "data": str(path),
-                    "settings": {
-                        "data_format": data_format,
-                        "max_length": max_length,
-                        "max_prompt_length": max_prompt_length,
-                        "drop_truncated": drop_truncated,
-                        "on_bad_record": on_bad_record,
-                        "max_record_bytes": max_record_bytes,
-                        "process_index": process_index,
-                        "process_count": process_count,
-                        "columns": dict(columns),
-                        "tokenization": tokenization,
-                        "tokenizer": str(tokenizer.name_or_path),
-                    },
+                    "settings": {**settings.to_dict(), "tokenizer": str(tokenizer.name_or_path)},
                     "stats": stats.to_dict(),
                     "prompts_cut": {"count": cut_count, "pairs": len(share), "first": first_cut},
                 }
@@ -317,13 +251,13 @@ def write_chunks(
     return cut_count, first_cut
 
 
-# A pool worker's tokenizer and chunk options, set once by its initializer (a pool's task
+# A pool worker's tokenizer and load settings, set once by its initializer (a pool's task
 # function takes one argument; the tokenizer is inherited through fork, not pickled per chunk).
-_worker_job: tuple[PreTrainedTokenizerBase, dict[str, Any]] | None = None
+_worker_job: tuple[PreTrainedTokenizerBase, LoadSettings] | None = None
 
 
 def start_pool(
-    workers: int, tokenizer: PreTrainedTokenizerBase, chunk_options: dict[str, Any]
+    workers: int, tokenizer: PreTrainedTokenizerBase, settings: LoadSettings
 ) -> ProcessPoolExecutor:
     """`workers` forked processes that tokenise chunks, started now (callers fork only from a
     process that has not started JAX's threads: the child of `build_in_child`). An executor, not
@@ -332,20 +266,20 @@ def start_pool(
         workers,
         mp_context=multiprocessing.get_context("fork"),
         initializer=_set_worker_job,
-        initargs=(tokenizer, chunk_options),
+        initargs=(tokenizer, settings),
     )
     pool.submit(os.getpid).result()  # with fork, the first task starts every worker
     return pool
 
 
-def _set_worker_job(tokenizer: PreTrainedTokenizerBase, chunk_options: dict[str, Any]) -> None:
+def _set_worker_job(tokenizer: PreTrainedTokenizerBase, settings: LoadSettings) -> None:
     global _worker_job
     # Each worker tokenises its chunk on one core: the pool is the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_job = (tokenizer, chunk_options)
+    _worker_job = (tokenizer, settings)
 
 
 def tokenize_in_worker(pairs: list[TextPair]) -> ChunkResult:
     assert _worker_job is not None, "tokenize_in_worker runs in a pool started by start_pool"
-    tokenizer, chunk_options = _worker_job
-    return tokenize_chunk(pairs, tokenizer, **chunk_options)
+    tokenizer, settings = _worker_job
+    return tokenize_chunk(pairs, tokenizer, settings)

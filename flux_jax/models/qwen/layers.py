@@ -190,31 +190,6 @@ def grouped_query_attention(
     )
 
 
-def qkv_projections(
-    attn: Params,
-    h_BxTxD: jax.Array,
-    sin_BxTxH: jax.Array,
-    cos_BxTxH: jax.Array,
-    *,
-    eps: float,
-    dtype: Any,
-    adapter: AdapterCall | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q, k, v of one layer, biased (Qwen2) or per-head normalised (Qwen3), with RoPE applied."""
-
-    def qkv(name: str) -> jax.Array:
-        out = project(h_BxTxD, attn[name], name, dtype, adapter)
-        if "bias" in attn[name]:
-            out = out + attn[name]["bias"].astype(dtype)[None, None]
-        return out
-
-    q, k, v = qkv("q_proj"), qkv("k_proj"), qkv("v_proj")
-    if "q_norm" in attn:
-        q = rms_norm(q, attn["q_norm"]["scale"], eps)
-        k = rms_norm(k, attn["k_norm"]["scale"], eps)
-    return apply_rope(q, sin_BxTxH, cos_BxTxH), apply_rope(k, sin_BxTxH, cos_BxTxH), v
-
-
 def swiglu_mlp(
     mlp: Params, h_BxTxD: jax.Array, dtype: Any, adapter: AdapterCall | None = None
 ) -> jax.Array:
@@ -234,11 +209,22 @@ def layer_qkv(
     dtype: Any,
     adapter: AdapterCall | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The first half of a layer, up to attention: input norm, then q, k, v with RoPE applied."""
-    h = rms_norm(x_BxTxD, layer["input_layernorm"]["scale"], eps)
-    return qkv_projections(
-        layer["self_attn"], h, sin_BxTxH, cos_BxTxH, eps=eps, dtype=dtype, adapter=adapter
-    )
+    """The first half of a layer, up to attention: input norm, then q, k, v, biased (Qwen2) or
+    per-head normalised (Qwen3), with RoPE applied."""
+    h_BxTxD = rms_norm(x_BxTxD, layer["input_layernorm"]["scale"], eps)
+    attn = layer["self_attn"]
+
+    def qkv(name: str) -> jax.Array:
+        out = project(h_BxTxD, attn[name], name, dtype, adapter)
+        if "bias" in attn[name]:
+            out = out + attn[name]["bias"].astype(dtype)[None, None]
+        return out
+
+    q, k, v = qkv("q_proj"), qkv("k_proj"), qkv("v_proj")
+    if "q_norm" in attn:
+        q = rms_norm(q, attn["q_norm"]["scale"], eps)
+        k = rms_norm(k, attn["k_norm"]["scale"], eps)
+    return apply_rope(q, sin_BxTxH, cos_BxTxH), apply_rope(k, sin_BxTxH, cos_BxTxH), v
 
 
 def layer_residual_and_mlp(

@@ -365,29 +365,15 @@ def _with_adapters(stacked: dict[str, Any], adapters: dict[str, Any]) -> dict[st
 
 
 def build_model(
-    config: QwenConfig,
-    *,
-    seed: int = 0,
-    param_dtype: Any = jnp.float32,
-    compute_dtype: Any = jnp.float32,
-    remat: str = "none",
-    attention_impl: str | None = "xla",
-    activation_sharding: jax.sharding.Sharding | None = None,
-    moe_impl: str = "auto",
-    abstract: bool = False,
+    config: QwenConfig, *, seed: int = 0, abstract: bool = False, **model_options: Any
 ) -> QwenForCausalLM:
-    """A random model, or (abstract=True) one whose parameters are ShapeDtypeStructs."""
+    """A random model, or (abstract=True) one whose parameters are ShapeDtypeStructs.
+
+    `model_options` go to `QwenForCausalLM` as they are (param_dtype, compute_dtype, remat,
+    attention_impl, activation_sharding, moe_impl), so its signature holds the one set of defaults.
+    """
 
     def make() -> QwenForCausalLM:
-        return QwenForCausalLM(
-            config,
-            param_dtype=param_dtype,
-            compute_dtype=compute_dtype,
-            remat=remat,
-            attention_impl=attention_impl,
-            activation_sharding=activation_sharding,
-            moe_impl=moe_impl,
-            rngs=nnx.Rngs(seed),
-        )
+        return QwenForCausalLM(config, **model_options, rngs=nnx.Rngs(seed))
 
     return nnx.eval_shape(make) if abstract else make()

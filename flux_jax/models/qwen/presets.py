@@ -15,7 +15,7 @@ from typing import Any
 from flux_jax.models.qwen.config import QwenConfig
 
 
-def _qwen3(
+def config_of_shape(
     vocab: int,
     hidden: int,
     mlp: int,
@@ -25,11 +25,14 @@ def _qwen3(
     head_dim: int,
     *,
     tied: bool,
+    model_type: str = "qwen3",
     **fields: Any,
 ) -> QwenConfig:
-    """A Qwen3 shape (q/k RMSNorm, no biases); `fields` sets QwenConfig's other fields."""
+    """The QwenConfig of a shape: vocabulary, hidden size, MLP width, layers, query heads, KV
+    heads, head_dim, tied embeddings; `fields` sets its other fields. "qwen3" (q/k RMSNorm, no
+    biases) unless `model_type` says otherwise."""
     return QwenConfig(
-        model_type="qwen3",
+        model_type=model_type,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=mlp,
@@ -42,111 +45,70 @@ def _qwen3(
     )
 
 
-def _qwen3_moe(*shape: int, tied: bool, **fields: Any) -> QwenConfig:
-    """A Qwen3-MoE shape: `_qwen3`'s columns, and `fields` with the expert settings."""
-    return dataclasses.replace(_qwen3(*shape, tied=tied), model_type="qwen3_moe", **fields)
+def _qwen3_moe(*columns: int, tied: bool, **fields: Any) -> QwenConfig:
+    """A Qwen3-MoE shape: `config_of_shape`'s seven columns, then the number of experts, how many
+    are routed per token and an expert's MLP width. Every layer is sparse and the top-k routing
+    weights are renormalised (norm_topk_prob), as in every released Qwen3-MoE."""
+    *shape, experts, top_k, expert_mlp = columns
+    return dataclasses.replace(
+        config_of_shape(*shape, tied=tied, **fields),
+        model_type="qwen3_moe",
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=expert_mlp,
+        norm_topk_prob=True,
+    )
 
 
 _QWEN3_VOCAB = 151_936
-# What every released Qwen3 model's config.json also says.
+# What every released Qwen3 (and Qwen3-MoE) model's config.json also says.
 _RELEASED_QWEN3 = dict(
     max_position_embeddings=40_960, bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"
 )
+_RELEASED_QWEN2_5 = dict(
+    max_position_embeddings=32_768, bos_token_id=151643, eos_token_id=151643, torch_dtype="bfloat16"
+)
+# Our own small shapes: RoPE and context of the tiny demo models.
+_TINY = dict(rope_theta=10_000.0, max_position_embeddings=2048)
 
 PRESETS: dict[str, QwenConfig] = {
     # The released models. Columns: vocab, hidden, MLP width, layers, heads, KV heads, head_dim.
-    "qwen3-0.6b": _qwen3(_QWEN3_VOCAB, 1024, 3072, 28, 16, 8, 128, tied=True, **_RELEASED_QWEN3),
-    "qwen3-1.7b": _qwen3(_QWEN3_VOCAB, 2048, 6144, 28, 16, 8, 128, tied=True, **_RELEASED_QWEN3),
-    "qwen3-4b": _qwen3(_QWEN3_VOCAB, 2560, 9728, 36, 32, 8, 128, tied=True, **_RELEASED_QWEN3),
-    "qwen3-8b": _qwen3(_QWEN3_VOCAB, 4096, 12_288, 36, 32, 8, 128, tied=False, **_RELEASED_QWEN3),
-    # Qwen3-MoE: 128 experts, 8 routed per token, every layer sparse (Qwen3-30B-A3B, 235B-A22B).
+    "qwen3-0.6b": config_of_shape(
+        _QWEN3_VOCAB, 1024, 3072, 28, 16, 8, 128, tied=True, **_RELEASED_QWEN3
+    ),
+    "qwen3-1.7b": config_of_shape(
+        _QWEN3_VOCAB, 2048, 6144, 28, 16, 8, 128, tied=True, **_RELEASED_QWEN3
+    ),
+    "qwen3-4b": config_of_shape(
+        _QWEN3_VOCAB, 2560, 9728, 36, 32, 8, 128, tied=True, **_RELEASED_QWEN3
+    ),
+    "qwen3-8b": config_of_shape(
+        _QWEN3_VOCAB, 4096, 12_288, 36, 32, 8, 128, tied=False, **_RELEASED_QWEN3
+    ),
+    # Qwen3-MoE, every layer sparse (Qwen3-30B-A3B, 235B-A22B). Columns as above, then experts,
+    # experts routed per token, an expert's MLP width.
     "qwen3-30b-a3b": _qwen3_moe(
-        _QWEN3_VOCAB,
-        2048,
-        6144,
-        48,
-        32,
-        4,
-        128,
-        tied=False,
-        **_RELEASED_QWEN3,
-        num_experts=128,
-        num_experts_per_tok=8,
-        moe_intermediate_size=768,
-        norm_topk_prob=True,
-    ),  # fmt: skip
+        _QWEN3_VOCAB, 2048, 6144, 48, 32, 4, 128, 128, 8, 768, tied=False, **_RELEASED_QWEN3
+    ),
     "qwen3-235b-a22b": _qwen3_moe(
-        _QWEN3_VOCAB,
-        4096,
-        12_288,
-        94,
-        64,
-        4,
-        128,
-        tied=False,
-        **_RELEASED_QWEN3,
-        num_experts=128,
-        num_experts_per_tok=8,
-        moe_intermediate_size=1536,
-        norm_topk_prob=True,
-    ),  # fmt: skip
-    "qwen2.5-7b": QwenConfig(
-        model_type="qwen2",  # q/k/v biases, no q/k norm
-        vocab_size=152_064,
-        hidden_size=3584,
-        intermediate_size=18_944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        head_dim=128,
-        max_position_embeddings=32_768,
-        tie_word_embeddings=False,
-        bos_token_id=151643,
-        eos_token_id=151643,
-        torch_dtype="bfloat16",
+        _QWEN3_VOCAB, 4096, 12_288, 94, 64, 4, 128, 128, 8, 1536, tied=False, **_RELEASED_QWEN3
+    ),
+    # Qwen2.5: q/k/v biases, no q/k norm.
+    "qwen2.5-7b": config_of_shape(
+        152_064, 3584, 18_944, 28, 28, 4, 128, tied=False, model_type="qwen2", **_RELEASED_QWEN2_5
     ),
     # Shapes of our own: random weights only.
     # The demo and test model: a few MB; vocab 512 matches flux_jax.tiny_tokenizer.
-    "tiny-qwen3": _qwen3(
-        512, 64, 128, 2, 4, 2, 16, tied=True, rope_theta=10_000.0, max_position_embeddings=2048
-    ),
-    # The tiny demo model with 8 experts (top-2) in place of its MLPs: MoE tests and demos.
-    "tiny-qwen3-moe": _qwen3_moe(
-        512,
-        64,
-        128,
-        2,
-        4,
-        2,
-        16,
-        tied=True,
-        rope_theta=10_000.0,
-        max_position_embeddings=2048,
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        norm_topk_prob=True,
-    ),  # fmt: skip
+    "tiny-qwen3": config_of_shape(512, 64, 128, 2, 4, 2, 16, tied=True, **_TINY),
+    # The tiny demo model with 8 experts (top-2) of width 32 in place of its MLPs: MoE tests, demos.
+    "tiny-qwen3-moe": _qwen3_moe(512, 64, 128, 2, 4, 2, 16, 8, 2, 32, tied=True, **_TINY),
     # A bench-sized Qwen3-MoE (tools/bench.py --model moe): 4 layers of 8 experts (top-2) of
     # width 384 at hidden 512; 38.8M params, 24.7M active. For dense-vs-grouped and EP timings.
-    "qwen3-moe-bench": _qwen3_moe(
-        32_768,
-        512,
-        1536,
-        4,
-        8,
-        4,
-        64,
-        tied=True,
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=384,
-        norm_topk_prob=True,
-    ),  # fmt: skip
+    "qwen3-moe-bench": _qwen3_moe(32_768, 512, 1536, 4, 8, 4, 64, 8, 2, 384, tied=True),
     # ~40M parameters: a CPU/single-chip benchmark with a realistic layer shape.
-    "qwen3-40m": _qwen3(32_768, 512, 1536, 8, 8, 4, 64, tied=True),
+    "qwen3-40m": config_of_shape(32_768, 512, 1536, 8, 8, 4, 64, tied=True),
     # Small layers, Qwen's full vocabulary: the LM head dominates, as it does for Qwen3-0.6B.
-    "bigvocab": _qwen3(_QWEN3_VOCAB, 256, 768, 4, 4, 2, 64, tied=True),
+    "bigvocab": config_of_shape(_QWEN3_VOCAB, 256, 768, 4, 4, 2, 64, tied=True),
 }
 
 # Hub ids (lower-cased) of the released models -> preset name. Instruct/base variants share shapes.
