@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from flux_jax.config_schema import ALGORITHMS_IMPLEMENTED, LEAVES, SCHEMA
 from flux_jax.lora import target_errors
+from flux_jax.losses.registry import LOSSES
 from flux_jax.losses.settings import algorithm_problems
 
 if TYPE_CHECKING:
@@ -109,7 +110,43 @@ def _check_algorithm(c: FluxConfig, r: _Rules) -> None:
         "algorithm.ld_alpha < 1 needs the standard batch layout: set model.prefix_sharing and "
         "model.packing to false",
     )
+    _check_unpaired(c, r)
     _check_ref_sync(c, r)
+
+
+def _check_unpaired(c: FluxConfig, r: _Rules) -> None:
+    """KTO (flux_jax/losses/unpaired.py) trains on unpaired data only, and pairs train the rest;
+    what the unpaired path does not support yet is refused by name."""
+    names = [c.algorithm.loss_type] if isinstance(c.algorithm.loss_type, str) else []
+    names = names or list(c.algorithm.loss_type)
+    unpaired_loss = any(name in LOSSES and LOSSES[name].unpaired for name in names)
+    unpaired_data = c.data.format == "unpaired"
+    if unpaired_loss != unpaired_data:
+        r.errors.append(
+            f"algorithm.loss_type={names} and data.format={c.data.format!r} do not match: "
+            "kto and apo_zero_unpaired train on data.format unpaired ({prompt, completion, "
+            "label}), the other losses on pairs"
+        )
+    if not unpaired_data:
+        return
+    unsupported = {
+        "model.prefix_sharing": (c.model.prefix_sharing, "set it to false"),
+        "model.packing": (c.model.packing, "set it to false"),
+        "algorithm.precompute_ref_logps": (c.algorithm.precompute_ref_logps, "set it to false"),
+        "data.eval_path": (bool(c.data.eval_path), "leave it empty ('')"),
+        "data.columns": (
+            any(c.data.columns.to_dict().values()),
+            "name the JSONL keys prompt, completion and label",
+        ),
+    }
+    for key, (is_set, fix) in unsupported.items():
+        r.fail(not is_set, f"{key} is not supported with data.format unpaired (KTO) yet: {fix}")
+    micro = c.batch_size // max(c.grad_accum_steps, 1)
+    r.fail(
+        micro >= 2,
+        f"data.format unpaired: KTO's KL estimate needs >= 2 examples per micro-batch, got "
+        f"batch_size / grad_accum_steps = {micro}",
+    )
 
 
 def _check_ref_sync(c: FluxConfig, r: _Rules) -> None:

@@ -98,6 +98,8 @@ SCHEMA: dict[str, Any] = {
         "ld_alpha": Key(
             1.0, "LD-DPO: weight of the longer response's tokens past the shorter's length; 1 = off"
         ),
+        "desirable_weight": Key(1.0, "KTO: weight of the desirable examples' losses"),
+        "undesirable_weight": Key(1.0, "KTO: weight of the undesirable examples' losses"),
         "sft_coef": Key(0.0, "weight of the NLL loss on chosen responses added to the loss"),
         "kl_coef": Key(0.0, "weight of a KL(policy || reference) penalty added to the loss"),
         "router_aux_loss_coef": Key(
@@ -139,9 +141,10 @@ SCHEMA: dict[str, Any] = {
         ),
         "format": Key(
             "preferences",
-            "preferences ({prompt, chosen, rejected} strings), conversational (chat messages) "
-            "or implicit_prompt (chosen/rejected only; the shared start is the prompt)",
-            ("preferences", "conversational", "implicit_prompt"),
+            "preferences ({prompt, chosen, rejected} strings), conversational (chat messages), "
+            "implicit_prompt (chosen/rejected only; the shared start is the prompt) or unpaired "
+            "({prompt, completion, label: true|false}, strings or messages; loss_type kto)",
+            ("preferences", "conversational", "implicit_prompt", "unpaired"),
         ),
         "tokenization": Key(
             "separate",
@@ -183,7 +186,8 @@ SCHEMA: dict[str, Any] = {
         "token_cache": Key(
             True,
             "true = tokenise into an on-disk store on first use and memory-map it on later runs "
-            "(keyed by data, tokenizer and these settings); false = tokenise in memory each run",
+            "(keyed by data, tokenizer and these settings); false = tokenise in memory each run; "
+            "unpaired (KTO) data is always tokenised in memory",
         ),
         "token_cache_dir": Key(
             "",
@@ -268,7 +272,7 @@ SCHEMA: dict[str, Any] = {
         "dir": Key(
             "", "cache directory; '' = $XDG_CACHE_HOME/flux_jax/xla (~/.cache/...)", path=True
         ),
-        "min_compile_time_s": Key(1.0, "only compilations at least this long are cached (s)"),
+        "min_compile_time_s": Key(0.0, "only compilations at least this long are cached (s)"),
     },
     "optimizer": {
         "b1": Key(0.9, "AdamW first-moment decay"),

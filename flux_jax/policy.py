@@ -18,6 +18,7 @@ fingerprint the checkpoint recorded), and generate / eval / export run on the me
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -27,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerBase
 
-from flux_jax import logprobs, train_batches, train_data
+from flux_jax import logprob_chunk, train_batches, train_data
 from flux_jax.config import FluxConfig
 from flux_jax.data.pipeline import pad_token_id
 from flux_jax.dpo import DPOSettings
@@ -227,10 +228,10 @@ class Policy:
 
     def dpo_settings(self) -> DPOSettings:
         """The DPO settings of the config, with the LM-head chunk the run uses
-        (flux_jax.logprobs.lm_head_chunk_size: model.logprob_chunk_size, capped by the memory of
-        one chunk's logits on one device)."""
+        (flux_jax.logprob_chunk.lm_head_chunk_size: model.logprob_chunk_size, capped by the
+        memory of one chunk's logits on one device)."""
         cfg = self.config
-        chunk = logprobs.lm_head_chunk_size(
+        chunk = logprob_chunk.lm_head_chunk_size(
             cfg.model.logprob_chunk_size,
             max_chunk_mib=cfg.model.logprob_chunk_mib,
             rows_per_step=2 * cfg.batch_size,  # chosen + rejected rows
@@ -275,8 +276,13 @@ class Policy:
     ) -> dict[str, float]:
         """DPO metrics over `examples` (the first eval.max_batches batches, if set) against the
         `reference` parameters (None: reference-free, or log-probs precomputed into examples)."""
+        from flux_jax.data.unpaired import is_unpaired
         from flux_jax.preference_eval import evaluate_examples
 
+        if is_unpaired(examples) or settings.unpaired:
+            raise ValueError(
+                "evaluation of unpaired data / KTO (data.format unpaired) is not supported yet"
+            )
         batch_size = train_data.eval_batch_size(self.config, self.mesh)
         if self.config.eval.max_batches:
             examples = examples[: self.config.eval.max_batches * batch_size]
@@ -326,7 +332,13 @@ class Policy:
 def as_reference(params: PyTree, compute_dtype: str) -> PyTree:
     """A copy of `params` in the compute dtype, as the frozen DPO reference (bf16 halves its
     memory). A copy, so donating the policy's buffers to the train step never frees it."""
-    dtype = jnp.dtype(compute_dtype)
+    return _copy_as(params, jnp.dtype(compute_dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _copy_as(params: PyTree, dtype: Any) -> PyTree:
+    # One executable for the whole tree, not one per leaf shape: op-by-op copies compiled ~a dozen
+    # tiny programs at every start. Each leaf keeps its sharding (jit propagates it).
     return jax.tree.map(lambda x: jnp.copy(x.astype(dtype)), params)
 
 

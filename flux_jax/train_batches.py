@@ -44,6 +44,8 @@ from flux_jax.data.batching import (
 from flux_jax.data.pipeline import batch_index_dataset, preference_batches
 from flux_jax.data.token_store import TokenStore
 from flux_jax.data.tokenization import PreferenceExample
+from flux_jax.data.unpaired import is_unpaired
+from flux_jax.data.unpaired_batching import collate_unpaired
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ class BatchPlan:
     seed: int
     process_index: int = 0
     process_count: int = 1
+    # Unpaired (KTO) batches build their KL rows per micro-batch, truncated to max_length.
+    grad_accum_steps: int = 1
+    max_length: int = 0
 
 
 def token_counts(examples: Sequence[PreferenceExample]) -> np.ndarray:
@@ -71,6 +76,9 @@ def token_counts(examples: Sequence[PreferenceExample]) -> np.ndarray:
     store's come from its index, without reading a token."""
     if isinstance(examples, TokenStore):
         return examples.token_counts
+    if is_unpaired(examples):  # the KL row's length is only known per batch
+        lengths = [(len(e.prompt_ids), len(e.completion_ids)) for e in examples]
+        return np.asarray([(p, c, c) for p, c in lengths], dtype=np.int32).reshape(-1, 3)
     counts = [(len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
     return np.asarray(counts, dtype=np.int32).reshape(-1, 3)
 
@@ -134,6 +142,8 @@ def batch_plan(
         seed=cfg.seed if data.shuffle_seed < 0 else data.shuffle_seed,
         process_index=process_index,
         process_count=process_count,
+        grad_accum_steps=cfg.grad_accum_steps,
+        max_length=data.max_length,
     )
     if model.packing:
         # Every process computes the same mean, from every process's counts.
@@ -159,10 +169,20 @@ def training_batches(
     """This process's batches (flux_jax.data.pipeline.preference_batches) under `plan`;
     `counts` = every process's token counts (this process's at plan.process_index)."""
     score_windows = plan.process_count == 1
-    if plan.layout == "standard":
+    if is_unpaired(examples):
+        if plan.layout != "standard" or plan.process_count > 1:
+            raise ValueError(
+                "data.format unpaired (KTO) needs the standard layout on one process for now: "
+                "model.prefix_sharing and model.packing false, a single-host run"
+            )
         collate: Callable[..., dict[str, np.ndarray]] = functools.partial(
-            collate_pairs, score_windows=score_windows
+            collate_unpaired,
+            max_length=plan.max_length,
+            num_microbatches=plan.grad_accum_steps,
+            score_windows=score_windows,
         )
+    elif plan.layout == "standard":
+        collate = functools.partial(collate_pairs, score_windows=score_windows)
     else:
         collate = functools.partial(
             packing.collate_shared_prefix,

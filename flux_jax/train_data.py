@@ -25,9 +25,11 @@ from transformers import PreTrainedTokenizerBase
 from flux_jax import ref_logps, train_batches
 from flux_jax import train_step as ts
 from flux_jax.data import load_preference_examples
+from flux_jax.data.loading import LoadSettings
 from flux_jax.data.pipeline import pad_token_id
 from flux_jax.data.token_cache import load_cached_examples
 from flux_jax.data.tokenization import PreferenceExample
+from flux_jax.data.unpaired import UNPAIRED_FORMAT, load_unpaired_examples
 from flux_jax.model_setup import is_builtin, resolve_model_dir
 from flux_jax.sharding import batch_multiple, shard_batch, to_host
 
@@ -91,9 +93,10 @@ def load_examples(
 ) -> tuple[Sequence[PreferenceExample], Any]:
     """The pairs at `path`, tokenised and truncated by config.data; with `shard`, only this
     process's share. Returns (examples, DataStats). With data.token_cache the examples are a
-    memory-mapped TokenStore (flux_jax.data.token_cache), else a list tokenised in memory."""
+    memory-mapped TokenStore (flux_jax.data.token_cache), else a list tokenised in memory.
+    data_format unpaired (KTO): a list of flux_jax.data.unpaired.UnpairedExample."""
     data = config.data
-    options = dict(
+    settings = LoadSettings(
         data_format=data_format,
         max_length=data.max_length,
         max_prompt_length=data.max_prompt_length,
@@ -105,15 +108,15 @@ def load_examples(
         columns=data.columns.to_dict(),
         tokenization=data.tokenization,
     )
+    if data_format == UNPAIRED_FORMAT:
+        if data.token_cache:  # the store holds pairs; said, not an error (results are equal)
+            log.info("data.token_cache: unpaired (KTO) data %s is tokenised in memory", path)
+        return load_unpaired_examples(path, tokenizer, settings)
     if data.token_cache:
         return load_cached_examples(
-            path,
-            tokenizer,
-            cache_dir=data.token_cache_dir,
-            workers=data.tokenize_workers,
-            **options,
+            path, tokenizer, settings, cache_dir=data.token_cache_dir, workers=data.tokenize_workers
         )
-    return load_preference_examples(path, tokenizer, **options)
+    return load_preference_examples(path, tokenizer, settings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +137,11 @@ def run_examples(
 ) -> tuple[list[PreferenceExample], list[PreferenceExample] | None]:
     """This process's training pairs and all eval pairs; with algorithm.precompute_ref_logps,
     each carries its reference log-probs (computed with `reference`, or read from the cache)."""
+    if sources.eval_path and sources.data_format == UNPAIRED_FORMAT:
+        raise ValueError(
+            f"evaluation on unpaired (KTO) data is not supported yet: train without eval data "
+            f"(data.eval_path '', no eval_prompts; got {sources.eval_path})"
+        )
     examples, stats = load_examples(
         config, tokenizer, sources.train_path, sources.data_format, shard=True
     )
@@ -203,6 +211,8 @@ def _ref_logps_adder(
                 pad_id=pad_token_id(tokenizer),
                 bucket_lengths=buckets,
                 score_windows=single_process,
+                # The prompt once per pair; the splash kernel cannot mask the branches.
+                shared_prefix=single_process and config.model.attention != "splash",
             )
 
         values, source = ref_logps.load_or_compute(key, examples, compute)

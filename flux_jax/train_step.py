@@ -99,6 +99,19 @@ def _logits_metrics(
     }
 
 
+def _unpaired_labels(batch: dict[str, jax.Array], settings: DPOSettings) -> jax.Array | None:
+    """The batch's KTO labels [B] (flux_jax.data.unpaired_batching: chosen rows = the examples,
+    rejected rows = their KL rows), None for paired data; the data and the loss must agree."""
+    if ("label" in batch) != settings.unpaired:
+        data = "unpaired" if "label" in batch else "paired"
+        raise ValueError(
+            f"algorithm.loss_type={list(settings.loss_type)} does not train on {data} data "
+            "(data.format): the unpaired losses (kto, apo_zero_unpaired) need data.format "
+            "unpaired and the others need pairs"
+        )
+    return batch.get("label")
+
+
 def dpo_loss_fn(
     params: PyTree,
     batch: dict[str, jax.Array],
@@ -159,6 +172,7 @@ def dpo_loss_fn(
         ref_tokens=ref_tok_NxT if per_token else None,
         token_mask=mask_NxT if per_token else None,
         wpo_log_weights=_wpo_log_weights(policy_tok_NxT, head_stats, batch, counts_c, counts_r),
+        labels=_unpaired_labels(batch, settings),
     )
     loss, metrics = dpo.dpo_objective_for(settings, pair, loss_state)
     metrics.update(_logits_metrics(head_stats, batch, counts_c, counts_r))

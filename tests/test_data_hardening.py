@@ -190,8 +190,8 @@ def test_max_record_bytes_config_key_reaches_the_loader(monkeypatch):
     config.data.token_cache = False  # the in-memory loader (the token store passes it on too)
     seen = {}
 
-    def fake_load(path, tokenizer, **options):
-        seen.update(options)
+    def fake_load(path, tokenizer, settings):
+        seen.update(settings.to_dict())
         return [], None
 
     monkeypatch.setattr(train_data, "load_preference_examples", fake_load)

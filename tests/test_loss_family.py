@@ -30,6 +30,8 @@ REFERENCE_FREE = {name for name, loss in LOSSES.items() if not loss.needs_refere
 SMOOTHINGS = {name: ((1e-3, 0.2) if name == "exo_pair" else (0.0, 0.2)) for name in LOSSES}
 SMOOTHINGS.update({n: (0.0,) for n, loss in LOSSES.items() if not loss.uses_label_smoothing})
 BETAS = (0.1, 0.5, 2.0)
+# The pairwise losses (the unpaired ones, KTO, have their own tests: tests/test_kto.py).
+PAIRWISE = [name for name, loss in LOSSES.items() if not loss.unpaired]
 
 
 def _logps(seed: int) -> dict[str, np.ndarray]:
@@ -60,7 +62,7 @@ def _want(name, x, **kw):
     return ref.per_pair_losses(name, **x, **kw).mean()
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", PAIRWISE)
 def test_every_loss_matches_its_paper_in_float64(name):
     x = _logps(0)
     with jax.enable_x64(True):
@@ -72,7 +74,7 @@ def test_every_loss_matches_its_paper_in_float64(name):
                 np.testing.assert_allclose(float(got), want, rtol=1e-10, err_msg=f"{beta=} {ls=}")
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", PAIRWISE)
 def test_every_loss_in_float32_is_within_fp32_rounding(name):
     # fp32 inputs of |logp| up to ~60: differences like pc - pr lose ~1e-7 relative of 60, and
     # exp/log1p amplify it by the condition number: measured max 8e-7 (aot), so 5e-6.
@@ -103,7 +105,7 @@ def test_gradients_match_finite_differences():
     # Keep h small so the hinge stays on one side of its kink at beta * h = 1 for every pair.
     x["pr"] = x["pc"] - x["rc"] + x["rr"] + np.random.default_rng(4).normal(size=B)
     x["pr"] = np.minimum(x["pr"], -0.5)
-    names = list(LOSSES)
+    names = PAIRWISE
     with jax.enable_x64(True):
         counts = dict(chosen_counts=jnp.asarray(x["nc"]), rejected_counts=jnp.asarray(x["nr"]))
         # BCO's shift carries no gradient (as TRL: a running mean, detached); a long history
@@ -281,7 +283,7 @@ def test_loss_specific_metrics():
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(loss_type="kto"), "valid loss types: sigmoid, ipo, hinge"),
+        (dict(loss_type="not_a_loss"), "valid loss types: sigmoid, ipo, hinge"),
         (
             dict(loss_type=("sigmoid", "sft"), loss_weights=(1.0,)),
             "1 weights for the 2 names of loss_type",

@@ -87,6 +87,11 @@ def parse_record(
     it (data.columns); errors then name that key. `tokenization` (data.tokenization): joint
     splits implicit string prompts as TRL does (`split_shared_text_as_trl`)."""
     check_data_format(data_format)
+    if data_format == "unpaired":  # one labelled completion per record, not a pair
+        raise ValueError(
+            "data.format unpaired (KTO) is read by flux_jax.data.unpaired, not as pairs; this "
+            "command does not support it yet"
+        )
     fields = FieldReader(record, chat_roles, columns)
     if data_format == "implicit_prompt":
         return parse_implicit_prompt(fields, tokenization)

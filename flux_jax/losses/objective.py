@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from flux_jax.losses import reweighting
+from flux_jax.losses import reweighting, unpaired
 from flux_jax.losses.reference_free import orpo_log_odds
 from flux_jax.losses.registry import LossInputs
 from flux_jax.losses.regularisers import kl_penalty, per_token, sft_loss, upcast
@@ -38,6 +38,8 @@ class PairLogps:
       their mask, in the standard layout; needed by `kl_coef` and by LD-DPO (`ld_alpha < 1`).
     wpo_log_weights: [2B] WPO log-weights (chosen rows first; `reweighting.wpo_log_weights`);
       needed by `use_weighting`.
+    labels: [B] bool, unpaired data only (KTO; flux_jax.losses.unpaired): true = desirable. The
+      "chosen" values are then each example's completion, the "rejected" ones its KL row.
     """
 
     policy_chosen: jax.Array
@@ -50,6 +52,7 @@ class PairLogps:
     ref_tokens: jax.Array | None = None
     token_mask: jax.Array | None = None
     wpo_log_weights: jax.Array | None = None
+    labels: jax.Array | None = None
 
 
 def _needs_counts(s: DPOSettings) -> bool:
@@ -130,6 +133,29 @@ def loss_inputs(
     return x, ref_c, ref_r
 
 
+def _unpaired_inputs(s: DPOSettings, pair: PairLogps) -> LossInputs:
+    _require(
+        pair.labels is not None,
+        f"loss_type={list(s.loss_type)} trains on unpaired examples and needs their labels "
+        "(PairLogps.labels; standalone: flux_jax.losses.kto_loss)",
+    )
+    _require(
+        pair.ref_chosen is not None and pair.ref_rejected is not None,
+        f"loss_type={list(s.loss_type)} needs the reference log-probs (ref_chosen, ref_rejected)",
+    )
+    ones = jnp.ones_like(upcast(pair.policy_chosen))
+    return unpaired.unpaired_inputs(
+        pair.policy_chosen,
+        pair.policy_rejected,
+        pair.ref_chosen,
+        pair.ref_rejected,
+        pair.labels,
+        ones if pair.chosen_counts is None else pair.chosen_counts,
+        ones if pair.rejected_counts is None else pair.rejected_counts,
+        needs_kl=s.needs_kl_rows,
+    )
+
+
 def _loss_metrics(s: DPOSettings, x: LossInputs) -> dict[str, jax.Array]:
     """Metrics the papers define for the selected losses."""
     m: dict[str, jax.Array] = {}
@@ -155,6 +181,8 @@ def preference_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`sum_i w_i * mean(loss_i)` over the selected losses, and the reward metrics (no
     regularisers; see `training_objective`). Metrics carry no gradient."""
+    if s.unpaired:
+        return unpaired.unpaired_loss(s, _unpaired_inputs(s, pair))
     x, ref_c, ref_r = loss_inputs(s, pair, loss_state)
     weights_B = None
     if s.use_weighting:

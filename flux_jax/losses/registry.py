@@ -42,6 +42,10 @@ class LossInputs:
     rejected_scores: jax.Array
     nll_chosen_logps: jax.Array
     reward_shift: jax.Array
+    # Unpaired losses (flux_jax.losses.unpaired): chosen_* are the examples' completions,
+    # rejected_* their KL rows; labels [B] bool (true = desirable), kl_baseline KTO's z0 [].
+    labels: jax.Array | None = None
+    kl_baseline: jax.Array | None = None
 
     @property
     def chosen_logratios(self) -> jax.Array:
@@ -86,6 +90,8 @@ class LossType:
     supports_weighting: WPO's per-pair weights may multiply it (not the sorting AOT losses, whose
       per-pair order is lost).
     extra_keys: the `algorithm.*` keys that only this loss reads.
+    unpaired: trains on unpaired data (`data.format: unpaired`: one completion with a
+      desirable / undesirable label per example; flux_jax.losses.unpaired), never on pairs.
     trl: where TRL 1.16 has it ("DPOTrainer", "CPOTrainer", "ORPOTrainer") for the docs.
     """
 
@@ -99,6 +105,7 @@ class LossType:
     supports_weighting: bool = True
     extra_keys: tuple[str, ...] = ()
     trl: str = "DPOTrainer"
+    unpaired: bool = False
 
 
 LOSSES: dict[str, LossType] = {}

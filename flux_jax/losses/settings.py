@@ -45,6 +45,9 @@ class DPOSettings:
     cpo_alpha: float = 1.0
     use_weighting: bool = False
     ld_alpha: float = 1.0  # 1 = no LD-DPO weighting
+    # KTO / apo_zero_unpaired (flux_jax.losses.unpaired): weights of the two labels' losses.
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
     # Report TRL's logits/chosen, logits/rejected (config logging.logits_metrics).
     logits_metrics: bool = False
     # Positions per LM-head chunk (None = unchunked); see flux_jax.logprobs.
@@ -79,6 +82,16 @@ class DPOSettings:
         return uses_ref and not self.reference_free
 
     @property
+    def unpaired(self) -> bool:
+        """Whether the losses train on unpaired data (`data.format: unpaired`)."""
+        return any(loss.unpaired for loss in self.losses)
+
+    @property
+    def needs_kl_rows(self) -> bool:
+        """Whether KTO's KL baseline is computed (from the batch's KL rows)."""
+        return "kto" in self.loss_type
+
+    @property
     def lm_head_stats(self) -> tuple[str, ...]:
         """The LM-head statistics (flux_jax.logprobs.HEAD_STATS) the policy forward must return:
         WPO's log sum_v p_v^2, the mean logits of the logits/* metrics; () = none, no cost."""
@@ -110,6 +123,8 @@ class DPOSettings:
                 "cpo_alpha",
                 "use_weighting",
                 "ld_alpha",
+                "desirable_weight",
+                "undesirable_weight",
             )
             if hasattr(a, key)
         }
@@ -204,6 +219,7 @@ def settings_problems(s: DPOSettings, prefix: str = "") -> list[str]:
                 f"{p}use_weighting does not apply to {sorted_}: they sort pairs over the batch, "
                 "so per-pair WPO weights would land on the wrong pairs"
             )
+    problems.extend(_unpaired_problems(s, losses, p))
     if s.reference_free and s.kl_coef > 0:
         problems.append(f"{p}kl_coef > 0 needs the reference model; reference_free is true")
     if not s.reference_free and not any(loss.needs_reference for loss in losses) and not s.kl_coef:
@@ -211,6 +227,39 @@ def settings_problems(s: DPOSettings, prefix: str = "") -> list[str]:
             f"{p}loss_type={_shown(names)} needs no reference model: set {p}reference_free=true "
             "(then no reference weights are loaded and no reference forward runs)"
         )
+    return problems
+
+
+def _unpaired_problems(s: Any, losses: list[LossType], p: str) -> list[str]:
+    """Unpaired losses (KTO) alone, with their weights, and none of the pairwise options."""
+    unpaired = [loss.name for loss in losses if loss.unpaired]
+    problems = []
+    if not s.desirable_weight >= 0 or not s.undesirable_weight >= 0:
+        problems.append(
+            f"{p}desirable_weight and {p}undesirable_weight must be >= 0, got "
+            f"{s.desirable_weight} and {s.undesirable_weight}"
+        )
+    if not unpaired:
+        return problems
+    if len(unpaired) != len(losses):
+        pairwise = [loss.name for loss in losses if not loss.unpaired]
+        problems.append(
+            f"{p}loss_type mixes unpaired losses {unpaired} (data.format: unpaired) with "
+            f"pairwise ones {pairwise} (paired data): choose one kind"
+        )
+    options = {
+        "sft_coef": s.sft_coef > 0,
+        "kl_coef": s.kl_coef > 0,
+        "ld_alpha": s.ld_alpha < 1,
+        "use_weighting": s.use_weighting,
+        "reference_free": s.reference_free,
+    }
+    for key, is_set in options.items():
+        if is_set:
+            problems.append(
+                f"{p}{key} does not apply to loss_type {unpaired} (unpaired data); set it to "
+                "its default"
+            )
     return problems
 
 
@@ -243,6 +292,8 @@ class _View:
     cpo_alpha: float
     use_weighting: bool
     ld_alpha: float
+    desirable_weight: float
+    undesirable_weight: float
     logits_metrics: bool
     logprob_chunk_size: int | None
     grad_accum_steps: int
