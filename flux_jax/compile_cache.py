@@ -32,7 +32,7 @@ def default_cache_dir() -> Path:
 
 
 def enable_compile_cache(
-    directory: str = "", *, min_compile_time_s: float = 1.0, enabled: bool = True
+    directory: str = "", *, min_compile_time_s: float = 0.0, enabled: bool = True
 ) -> str | None:
     """Points JAX's persistent compilation cache at `directory` ('' = the user's JAX setting,
     else `default_cache_dir()`); returns the directory in use, or None when off.

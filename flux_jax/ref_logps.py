@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from flux_jax.data.batching import add_scored_positions, bucket_length, pad_side
+from flux_jax.data.packing import collate_shared_prefix, pair_length
 from flux_jax.data.sources import data_fingerprint  # noqa: F401 (ref_logps.data_fingerprint)
 from flux_jax.data.token_store import TokenStore
 from flux_jax.data.tokenization import PreferenceExample
@@ -78,8 +79,15 @@ def compute_ref_logps(
     pad_id: int,
     bucket_lengths: Sequence[int],
     score_windows: bool = True,
+    shared_prefix: bool = False,
 ) -> np.ndarray:
     """[N, 2] (chosen, rejected) reference log-probs of `examples`, in order.
+
+    With `shared_prefix`, each pair is one `prompt | chosen | rejected` row (the layout of
+    flux_jax.data.packing, the prompt run once), pairs sorted by that length, 2B pairs per call
+    (as many rows as the sequence layout's). The log-probs are the same; the work is not: the
+    prompt's tokens go through the model once instead of twice (on the fixed-length mix of
+    tools/make_length_mix.py, 384 tokens a pair instead of 512). Single process only.
 
     `ref_logps_fn(host_batch) -> (chosen [B], rejected [B])` places and runs one standard-layout
     batch of `batch_size` pairs, i.e. 2B rows that are each scored on their own.
@@ -93,6 +101,10 @@ def compute_ref_logps(
     sequence so every batch has the same number of rows (on a multi-host run every process must
     run the same number of same-shaped steps; pass `score_windows=False` and one bucket there).
     """
+    if shared_prefix:
+        return _compute_shared_prefix(
+            examples, ref_logps_fn, 2 * batch_size, pad_id, bucket_lengths, score_windows
+        )
     sequences = [(i, side) for i in range(len(examples)) for side in (0, 1)]
     lengths = [_sequence_length(examples[i], side) for i, side in sequences]
     by_length = np.argsort(lengths, kind="stable")
@@ -111,6 +123,33 @@ def compute_ref_logps(
         logps = np.concatenate([np.asarray(chosen), np.asarray(rejected)])
         for (i, side), value in zip(chunk[:real], logps[:real], strict=True):
             out[i, side] = value
+    return out
+
+
+def _compute_shared_prefix(
+    examples: Sequence[PreferenceExample],
+    ref_logps_fn: Callable[[dict[str, np.ndarray]], tuple[Any, Any]],
+    rows: int,
+    pad_id: int,
+    bucket_lengths: Sequence[int],
+    score_windows: bool,
+) -> np.ndarray:
+    """compute_ref_logps with one shared-prefix row per pair, `rows` pairs a call."""
+    lengths = [pair_length(e, share_prefix=True) for e in examples]
+    by_length = np.argsort(lengths, kind="stable")
+    out = np.zeros((len(examples), 2), np.float32)
+    for start in range(0, len(examples), rows):
+        chunk = [int(i) for i in by_length[start : start + rows]]
+        real = len(chunk)
+        chunk += [chunk[0]] * (rows - real)  # every call the same number of rows
+        batch = collate_shared_prefix(
+            [examples[i] for i in chunk], pad_id, bucket_lengths, score_windows=score_windows
+        )
+        chosen, rejected = ref_logps_fn(batch)
+        # One pair a row: row r holds the chunk's pair pair_order[r, 0], in the outputs' order.
+        for r, slot in enumerate(batch["pair_order"][:, 0]):
+            if slot < real:
+                out[chunk[slot]] = (float(chosen[r]), float(rejected[r]))
     return out
 
 

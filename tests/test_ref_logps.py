@@ -65,3 +65,43 @@ def test_batches_pad_less_than_pairs_in_file_order():
         for s in range(0, len(examples), 4)
     )
     assert 1 - real / sum(computed) < 0.5 * (1 - real / file_order)
+
+
+def _branch_sums(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """`_scored_sum` for shared-prefix rows (one pair a row): each response's scored tokens
+    weighted by position + 1, which equals the standard layout's column + 1."""
+    ids, mask, branch = batch["input_ids"], batch["loss_mask"], batch["branch_ids"]
+    weights = batch["positions"] + 1
+
+    def side(b: int) -> np.ndarray:
+        return (ids * mask * (branch == b) * weights).sum(axis=1).astype(np.float32)
+
+    return side(1), side(2)
+
+
+def test_shared_prefix_pass_matches_the_sequence_pass():
+    examples = _examples(21, seed=2)
+    rows_seen, computed = [], []
+
+    def fn(batch):
+        assert "branch_ids" in batch  # one `prompt | chosen | rejected` row per pair
+        rows_seen.append(batch["input_ids"].shape[0])
+        computed.append(batch["input_ids"].size)
+        return _branch_sums(batch)
+
+    got = compute_ref_logps(
+        examples, fn, batch_size=4, pad_id=0, bucket_lengths=LADDER, shared_prefix=True
+    )
+    want = compute_ref_logps(examples, _scored_sum, batch_size=4, pad_id=0, bucket_lengths=LADDER)
+    np.testing.assert_array_equal(got, want)
+    assert set(rows_seen) == {8}  # 2B pairs a call: as many rows as the sequence pass
+    assert len(rows_seen) == -(-len(examples) // 8)
+    # The prompt runs once: fewer tokens computed than in the sequence pass.
+    sequence_pass = []
+
+    def count(batch):
+        sequence_pass.append(batch["chosen_input_ids"].size + batch["rejected_input_ids"].size)
+        return _scored_sum(batch)
+
+    compute_ref_logps(examples, count, batch_size=4, pad_id=0, bucket_lengths=LADDER)
+    assert sum(computed) < sum(sequence_pass)
