@@ -71,9 +71,9 @@ class _Section(ml_collections.ConfigDict):
             _assign_in_section(self._fields[head], rest if dot else None, value)
             return
         value = coerce(path, schema[head], value)
-        if schema[head].one_or_list:
-            # A name (str) or several (tuple): ConfigDict's type_safe would refuse the switch;
-            # coerce has already checked the value.
+        if schema[head].one_or_list or schema[head].or_bool:
+            # A name (str) or several (tuple), or a name or a bool: ConfigDict's type_safe would
+            # refuse the switch; coerce has already checked the value.
             self._fields[head] = value
             return
         ml_collections.ConfigDict.__setitem__(self, head, value)

@@ -104,6 +104,10 @@ def _type_error(path: str, key: Key, value: Any) -> ConfigError:
         return ConfigError(f"{path} expects a list of strings, got {got}")
     if kind is tuple and key.item_kind is float:
         return ConfigError(f"{path} expects a list of numbers such as [0.8, 0.2], got {got}")
+    if key.or_bool:
+        return ConfigError(
+            f"{path} expects true, false or {' or '.join(map(repr, key.choices))}, got {got}"
+        )
     if key.one_or_list:
         return ConfigError(
             f"{path} expects a name or a non-empty list of names such as [sigmoid, sft], got {got}"
@@ -118,7 +122,7 @@ def coerce(path: str, key: Key, value: Any) -> Any:
     """`value` converted to the type of `key.default`, or ConfigError naming `path`."""
     kind = type(key.default)
     is_bool = isinstance(value, bool)
-    if kind is bool and is_bool:
+    if (kind is bool or key.or_bool) and is_bool:
         return value
     if kind is int and isinstance(value, numbers.Integral) and not is_bool:
         return int(value)
@@ -163,7 +167,7 @@ def parse_text(path: str, key: Key, text: str) -> Any:
         # `[sigmoid,sft]` or `sigmoid,sft` (quotes optional): a list of names.
         parts = [p.strip().strip("'\"") for p in stripped.strip("[]").split(",")]
         return coerce(path, key, [p for p in parts if p])
-    if kind is bool:
+    if kind is bool or (key.or_bool and stripped.lower() in _TRUE_TEXT + _FALSE_TEXT):
         if stripped.lower() in _TRUE_TEXT + _FALSE_TEXT:
             return stripped.lower() in _TRUE_TEXT
     elif kind is int:

@@ -59,9 +59,11 @@ def _check_choices_and_finite(c: FluxConfig, r: _Rules) -> None:
     for path, key in LEAVES.items():
         value = c[path]
         values = value if key.one_or_list and isinstance(value, tuple) else (value,)
-        wrong = [v for v in values if v not in key.choices]
+        allowed = (*key.choices, True, False) if key.or_bool else key.choices
+        wrong = [v for v in values if v not in allowed]
         if key.choices and wrong:
             valid = ", ".join(repr(x) for x in key.choices)
+            valid += ", true, false" if key.or_bool else ""
             got = repr(list(values)) if len(values) > 1 else repr(value)
             which = f" (not valid: {', '.join(map(repr, wrong))})" if len(values) > 1 else ""
             r.errors.append(f"{path} must be one of {valid}; got {got}{which}")
@@ -106,7 +108,7 @@ def _check_algorithm(c: FluxConfig, r: _Rules) -> None:
         "algorithm.precompute_ref_logps to false (precomputed sums cannot be re-weighted)",
     )
     r.fail(
-        not (a.ld_alpha < 1 and (c.model.prefix_sharing or c.model.packing)),
+        not (a.ld_alpha < 1 and (c.model.prefix_sharing is True or c.model.packing)),
         "algorithm.ld_alpha < 1 needs the standard batch layout: set model.prefix_sharing and "
         "model.packing to false",
     )
@@ -130,7 +132,7 @@ def _check_unpaired(c: FluxConfig, r: _Rules) -> None:
     if not unpaired_data:
         return
     unsupported = {
-        "model.prefix_sharing": (c.model.prefix_sharing, "set it to false"),
+        "model.prefix_sharing": (c.model.prefix_sharing is True, "set it to false or auto"),
         "model.packing": (c.model.packing, "set it to false"),
         "algorithm.precompute_ref_logps": (c.algorithm.precompute_ref_logps, "set it to false"),
         "data.eval_path": (bool(c.data.eval_path), "leave it empty ('')"),
@@ -212,7 +214,7 @@ def _check_model_and_optimizer(c: FluxConfig, r: _Rules) -> None:
     r.need(m.logprob_chunk_size >= 0, "model.logprob_chunk_size", ">= 0 (0 = unchunked)")
     r.need(m.logprob_chunk_mib >= 0, "model.logprob_chunk_mib", ">= 0 (0 = no cap)")
     r.fail(
-        not (m.attention == "splash" and (m.prefix_sharing or m.packing)),
+        not (m.attention == "splash" and (m.prefix_sharing is True or m.packing)),
         "model.attention='splash' cannot express the shared-prefix mask of "
         "model.prefix_sharing / model.packing; use 'xla', 'cudnn' or 'auto' with them",
     )

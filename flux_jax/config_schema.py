@@ -27,6 +27,8 @@ class Key:
     items: type | None = None
     # A string key with choices that also takes a list of them (algorithm.loss_type: MPO).
     one_or_list: bool = False
+    # A string key with choices that also takes true / false (model.prefix_sharing: auto).
+    or_bool: bool = False
 
     @property
     def item_kind(self) -> type:
@@ -228,7 +230,14 @@ SCHEMA: dict[str, Any] = {
         "logprob_chunk_mib": Key(
             256, "cap on one chunk's fp32 logits per device (MiB): smaller chunks; 0 = no cap"
         ),
-        "prefix_sharing": Key(False, "true = run the shared prompt once for chosen and rejected"),
+        "prefix_sharing": Key(
+            "auto",
+            "true = run the shared prompt once for chosen and rejected (one row per pair); "
+            "auto = true with attention 'xla' unless the run needs standard rows (ld_alpha < 1, "
+            "unpaired data); false = standard rows",
+            ("auto",),
+            or_bool=True,
+        ),
         "packing": Key(False, "true = pack several pairs into one sequence row"),
         # LoRA (flux_jax/lora.py): train low-rank adapters on a frozen base, which is also the
         # DPO reference (no second copy of the model).

@@ -61,7 +61,9 @@ class ModelOptions:
             remat=config.model.remat,
             attention=config.model.attention,
             seed=config.seed,
-            branch_masks=bool(config.model.prefix_sharing or config.model.packing),
+            # prefix_sharing "auto" shares prefixes only with attention "xla", which this flag
+            # (it steers attention "auto") never meets: an explicit true is what counts here.
+            branch_masks=config.model.prefix_sharing is True or config.model.packing,
             moe_impl=config.model.moe_impl,
             base_quantization=quantization,
         )

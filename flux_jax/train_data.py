@@ -29,7 +29,7 @@ from flux_jax.data.loading import LoadSettings
 from flux_jax.data.pipeline import pad_token_id
 from flux_jax.data.token_cache import load_cached_examples
 from flux_jax.data.tokenization import PreferenceExample
-from flux_jax.data.unpaired import UNPAIRED_FORMAT, load_unpaired_examples
+from flux_jax.data.unpaired import UNPAIRED_FORMAT, is_unpaired, load_unpaired_examples
 from flux_jax.model_setup import is_builtin, resolve_model_dir
 from flux_jax.sharding import batch_multiple, shard_batch, to_host
 
@@ -236,6 +236,7 @@ def data_iterator(
         batch_multiple=batch_multiple(mesh),
         counts=counts,
         process_index=jax.process_index(),
+        unpaired=is_unpaired(examples),  # fit(data_format=...) may differ from data.format
     )
     dataset = train_batches.training_batches(
         examples, plan, pad_id=pad_token_id(tokenizer), counts=counts

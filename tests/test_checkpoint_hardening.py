@@ -272,6 +272,7 @@ def disk_full_run(tmp_path_factory):
     return out, _train(out, file_limit=550_000)
 
 
+@pytest.mark.slow  # ~25 s; its timing needs a quiet machine
 def test_disk_full_stops_the_run_naming_the_failed_save(disk_full_run):
     out, failed = disk_full_run
     checkpoints = out / "checkpoints"

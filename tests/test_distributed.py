@@ -213,6 +213,7 @@ def tiny_checkpoint(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow  # ~23 s; test_run_safety's multi-process test runs by default
 def test_two_processes_match_one(tiny_checkpoint, tmp_path):
     port = _free_port()
     procs, outs = [], []

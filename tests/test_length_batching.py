@@ -194,29 +194,36 @@ def test_grouped_iterator_resumes_exactly(longtail):
 
 
 def test_padding_before_and_after(longtail):
+    standard = {"model.prefix_sharing": False}
     old = config(
-        **{"data.group_by_length": False, "data.bucket_ratio": 2, "data.bucket_multiple": 64}
+        **standard,
+        **{"data.group_by_length": False, "data.bucket_ratio": 2, "data.bucket_multiple": 64},
     )
     _, before = plan_batches(longtail, old, 64)
-    _, after = plan_batches(longtail, config(), 64)
-    _, shared = plan_batches(longtail, config(**{"model.prefix_sharing": True}), 64)
+    _, after = plan_batches(longtail, config(**standard), 64)
+    _, shared = plan_batches(longtail, config(), 64)  # the default: prefix_sharing auto -> on
+    assert "branch_ids" in shared[0]
     fractions = [padded_fraction(b) for b in (before, after, shared)]
-    print("padded fraction (old, new, shared prefix):", [round(f, 3) for f in fractions])
+    print("padded fraction (old, standard rows, default):", [round(f, 3) for f in fractions])
     assert fractions[0] > 0.5
     # Standard rows: what is left is mostly chosen vs rejected length (both pad to one width).
     assert fractions[1] < 0.25
-    assert fractions[2] < 0.10  # the target, with prefix sharing
+    assert fractions[2] < 0.10  # the target, by default
     widths = {b["chosen_input_ids"].shape[1] for b in after}
     assert widths <= set(geometric_bucket_lengths(1024))
 
 
 def test_layout_lengths_match_packing(longtail):
     counts = token_counts(longtail)
-    for flags, share in [({"model.prefix_sharing": True}, True), ({"model.packing": True}, False)]:
+    for flags, share in [
+        ({}, True),  # prefix_sharing auto: on with attention xla
+        ({"model.prefix_sharing": True}, True),
+        ({"model.packing": True, "model.prefix_sharing": False}, False),
+    ]:
         plan = batch_plan(config(**flags), batch_multiple=1, counts=[counts])
         want = [pair_length(e, share_prefix=share) for e in longtail]
         np.testing.assert_array_equal(layout_lengths(counts, plan), want)
-    plan = batch_plan(config(), batch_multiple=1, counts=[counts])
+    plan = batch_plan(config(**{"model.prefix_sharing": False}), batch_multiple=1, counts=[counts])
     np.testing.assert_array_equal(
         layout_lengths(counts, plan), [e.longest_sequence for e in longtail]
     )

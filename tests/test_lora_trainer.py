@@ -73,6 +73,7 @@ def test_lora_config_keys():
         FluxConfig({"model": {"lora": {"rnak": 4}}})
 
 
+@pytest.mark.slow  # a ~35 s trainer fixture; test_lora.py checks LoRA steps by default
 def test_fit_trains_only_the_adapters_from_ln2(run):
     trainer, result, base_before, losses = run
     assert len(losses) == 4 and result.num_steps == 4
@@ -86,6 +87,7 @@ def test_fit_trains_only_the_adapters_from_ln2(run):
     assert result.eval_metrics is not None  # eval ran on the merged weights
 
 
+@pytest.mark.slow  # a ~35 s trainer fixture; test_lora.py checks LoRA steps by default
 def test_checkpoints_name_the_base_and_settings(run):
     trainer, result, _, _ = run
     meta = read_metadata(os.path.join(result.output_dir, "checkpoints", "4"))
@@ -94,6 +96,7 @@ def test_checkpoints_name_the_base_and_settings(run):
     assert len(meta["base_model"]["fingerprint"]) == 64
 
 
+@pytest.mark.slow  # a ~35 s trainer fixture; test_lora.py checks LoRA steps by default
 def test_best_loads_into_a_trainer_and_serves_merged_weights(run, tmp_path):
     trainer, result, _, _ = run
     other = FluxTrainer(_config(tmp_path / "other"))
@@ -113,6 +116,7 @@ def test_best_loads_into_a_trainer_and_serves_merged_weights(run, tmp_path):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(np.abs(want).max()))
 
 
+@pytest.mark.slow  # a ~35 s trainer fixture; test_lora.py checks LoRA steps by default
 def test_resume_is_exact_and_refuses_other_settings_or_base(run, tmp_path):
     first, result, _, _ = run
     resumed = tmp_path / "resumed"

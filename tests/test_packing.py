@@ -249,6 +249,7 @@ def test_packed_accumulation_and_precomputed_reference(standard):
     assert float(counts["tokens"]) < float(std_counts["tokens"])  # each prompt once
 
 
+@pytest.mark.slow  # ~26 s; test_layouts_match_the_standard_one checks the step by default
 def test_trainer_with_prefix_sharing_and_packing_matches_standard(tmp_path, monkeypatch):
     import shutil
 
@@ -273,7 +274,7 @@ def test_trainer_with_prefix_sharing_and_packing_matches_standard(tmp_path, monk
     monkeypatch.setattr(packing, "collate_shared_prefix", recording_collate)
     losses, tokens = {}, {}
     for name, flags in {
-        "standard": {},
+        "standard": {"prefix_sharing": False},
         "packed": {"prefix_sharing": True, "packing": True},
     }.items():
         # Same batches in both layouts: length grouping would sort by each layout's own length.

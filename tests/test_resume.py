@@ -122,6 +122,7 @@ def test_sigkill_at_more_points(tmp_path, data_and_reference, kill_after):
     _assert_same_run(reference, out_dir, rtol=1e-6)
 
 
+@pytest.mark.slow  # ~20 s; the SIGKILL resume test runs by default
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_and_reference):
     data, reference = data_and_reference
     out_dir = tmp_path / "run"
