@@ -282,11 +282,6 @@ SCHEMA: dict[str, Any] = {
             "", "cache directory; '' = $XDG_CACHE_HOME/flux_jax/xla (~/.cache/...)", path=True
         ),
         "min_compile_time_s": Key(0.0, "only compilations at least this long are cached (s)"),
-        "reuse_traced_step": Key(
-            True,
-            "true = keep the traced train step beside the cache (jax.export) so a repeated run "
-            "skips tracing it",
-        ),
     },
     "optimizer": {
         "b1": Key(0.9, "AdamW first-moment decay"),

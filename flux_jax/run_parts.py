@@ -19,7 +19,6 @@ from flux_jax.metrics_log import MetricsLog
 from flux_jax.models.qwen.moe import resolve_router_aux_loss_coef
 from flux_jax.policy import Policy
 from flux_jax.sharding import state_shardings_of
-from flux_jax.traced_step import reuse_traced_step
 from flux_jax.trackers import open_trackers, tracker_settings
 
 
@@ -42,10 +41,8 @@ def train_step_fn(
     state: dict[str, Any],
 ) -> Callable[..., Any]:
     """The jitted step (flux_jax.train_step) of `policy` under `settings`; its output state keeps
-    the shardings of `state`. MoE models add their router loss (algorithm.router_aux_loss_coef).
-    With the compilation cache on, a repeated run reads the traced step from beside it
-    (flux_jax.traced_step, compile_cache.reuse_traced_step)."""
-    step = ts.make_train_step(
+    the shardings of `state`. MoE models add their router loss (algorithm.router_aux_loss_coef)."""
+    return ts.make_train_step(
         policy.graphdef,
         tx,
         schedule,
@@ -57,39 +54,6 @@ def train_step_fn(
         lora=policy.lora,
         dropout_seed=cfg.seed,
     )
-    return reuse_traced_step(
-        step,
-        enabled=cfg.compile_cache.reuse_traced_step,
-        context={
-            "config": trace_settings(cfg),
-            "model": repr(policy.model_config),
-            "settings": repr(settings),
-            "lora": repr(policy.lora),
-        },
-        state_shardings=state_shardings_of(state),
-    )
-
-
-# Config sections and keys that never reach the traced step (paths, logging, saving, eval,
-# generation, the caches): left out of its key, so a new output_dir or log setting reuses it.
-UNTRACED_SECTIONS = ("output_dir", "logging", "checkpoint", "eval", "generation", "compile_cache")
-UNTRACED_DATA_KEYS = (
-    "train_path",
-    "eval_path",
-    "token_cache",
-    "token_cache_dir",
-    "tokenize_workers",
-    "num_threads",
-    "prefetch",
-)
-
-
-def trace_settings(cfg: FluxConfig) -> dict[str, Any]:
-    """The config as a dict, less what cannot change the train step's program."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in UNTRACED_SECTIONS}
-    data = settings.get("data", {})
-    settings["data"] = {k: v for k, v in data.items() if k not in UNTRACED_DATA_KEYS}
-    return settings
 
 
 def metrics_log(cfg: FluxConfig, output_dir: str, start_step: int, main: bool) -> MetricsLog:

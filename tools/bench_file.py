@@ -158,10 +158,10 @@ def record_first_dispatch() -> list[float]:
     executable compiled (or loaded from the cache), before the step computes: the time to it
     is the start-up a run pays before training, which the compilation cache can shorten.
     """
-    from flux_jax import run_parts
+    from flux_jax import train_step
 
     times: list[float] = []
-    make = run_parts.train_step_fn  # the step the loop calls (traced, or read from disk)
+    make = train_step.make_train_step
 
     def make_timed(*args: Any, **kwargs: Any) -> Any:
         step = make(*args, **kwargs)
@@ -174,7 +174,7 @@ def record_first_dispatch() -> list[float]:
 
         return timed
 
-    run_parts.train_step_fn = make_timed
+    train_step.make_train_step = make_timed
     return times
 
 
