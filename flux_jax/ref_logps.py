@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,74 +83,63 @@ def compute_ref_logps(
 ) -> np.ndarray:
     """[N, 2] (chosen, rejected) reference log-probs of `examples`, in order.
 
-    With `shared_prefix`, each pair is one `prompt | chosen | rejected` row (the layout of
-    flux_jax.data.packing, the prompt run once), pairs sorted by that length, 2B pairs per call
-    (as many rows as the sequence layout's). The log-probs are the same; the work is not: the
-    prompt's tokens go through the model once instead of twice (on the fixed-length mix of
-    tools/make_length_mix.py, 384 tokens a pair instead of 512). Single process only.
-
-    `ref_logps_fn(host_batch) -> (chosen [B], rejected [B])` places and runs one standard-layout
-    batch of `batch_size` pairs, i.e. 2B rows that are each scored on their own.
+    `ref_logps_fn(host_batch) -> (chosen [B], rejected [B])` places and runs one batch: a
+    standard-layout batch of `batch_size` pairs, i.e. 2B rows that are each scored on their own,
+    or with `shared_prefix` a batch of one-pair rows (pairs in `pair_order`'s slot order).
 
     The reference needs no pairing, so this pass batches the 2N sequences (prompt + chosen,
     prompt + rejected) by length rather than by pair: each batch's 2B rows are 2B sequences of
     about the same length, and it pads only to its own longest one's bucket. (256 pairs of the
     long-tailed mix of tools/make_length_mix.py, batch 8: 49% of the computed tokens were
     padding in file order, 21% with pairs sorted by length, 7% with sequences sorted.)
+
+    With `shared_prefix`, each pair is one `prompt | chosen | rejected` row (the layout of
+    flux_jax.data.packing, the prompt run once), pairs sorted by that length, 2B pairs per call
+    (as many rows as the sequence layout's). The log-probs are the same; the work is not: the
+    prompt's tokens go through the model once instead of twice (on the fixed-length mix of
+    tools/make_length_mix.py, 384 tokens a pair instead of 512). Single process only.
+
     The results go back to the pairs' order. The last batch is filled up with copies of its first
-    sequence so every batch has the same number of rows (on a multi-host run every process must
-    run the same number of same-shaped steps; pass `score_windows=False` and one bucket there).
+    sequence (pair) so every batch has the same number of rows (on a multi-host run every process
+    must run the same number of same-shaped steps; pass `score_windows=False` and one bucket
+    there).
     """
+    rows = 2 * batch_size
+    out = np.zeros((len(examples), 2), np.float32)
     if shared_prefix:
-        return _compute_shared_prefix(
-            examples, ref_logps_fn, 2 * batch_size, pad_id, bucket_lengths, score_windows
-        )
+        lengths = [pair_length(e, share_prefix=True) for e in examples]
+        for chunk, real in _length_sorted_chunks(lengths, rows):
+            batch = collate_shared_prefix(
+                [examples[i] for i in chunk], pad_id, bucket_lengths, score_windows=score_windows
+            )
+            chosen, rejected = ref_logps_fn(batch)
+            # One pair a row: row r holds the chunk's pair pair_order[r, 0], in the outputs' order.
+            for r, slot in enumerate(batch["pair_order"][:, 0]):
+                if slot < real:
+                    out[chunk[slot]] = (float(chosen[r]), float(rejected[r]))
+        return out
     sequences = [(i, side) for i in range(len(examples)) for side in (0, 1)]
     lengths = [_sequence_length(examples[i], side) for i, side in sequences]
-    by_length = np.argsort(lengths, kind="stable")
-    out = np.zeros((len(examples), 2), np.float32)
-    rows = 2 * batch_size
-    for start in range(0, len(sequences), rows):
-        chunk = [sequences[k] for k in by_length[start : start + rows]]
-        real = len(chunk)
-        chunk += [chunk[0]] * (rows - real)
-        width = bucket_length(
-            max(_sequence_length(examples[i], s) for i, s in chunk), bucket_lengths
-        )
+    for chunk, real in _length_sorted_chunks(lengths, rows):
+        width = bucket_length(max(lengths[k] for k in chunk), bucket_lengths)
         chosen, rejected = ref_logps_fn(
-            _collate_sequences(examples, chunk, batch_size, pad_id, width, score_windows)
+            _collate_sequences(
+                examples, [sequences[k] for k in chunk], batch_size, pad_id, width, score_windows
+            )
         )
         logps = np.concatenate([np.asarray(chosen), np.asarray(rejected)])
-        for (i, side), value in zip(chunk[:real], logps[:real], strict=True):
-            out[i, side] = value
+        for k, value in zip(chunk[:real], logps[:real], strict=True):
+            out[sequences[k]] = value
     return out
 
 
-def _compute_shared_prefix(
-    examples: Sequence[PreferenceExample],
-    ref_logps_fn: Callable[[dict[str, np.ndarray]], tuple[Any, Any]],
-    rows: int,
-    pad_id: int,
-    bucket_lengths: Sequence[int],
-    score_windows: bool,
-) -> np.ndarray:
-    """compute_ref_logps with one shared-prefix row per pair, `rows` pairs a call."""
-    lengths = [pair_length(e, share_prefix=True) for e in examples]
+def _length_sorted_chunks(lengths: Sequence[int], rows: int) -> Iterator[tuple[list[int], int]]:
+    """Indices of `lengths` in chunks of `rows`, shortest first (a stable sort), each with its
+    count of real entries; the last chunk is filled up with copies of its first index."""
     by_length = np.argsort(lengths, kind="stable")
-    out = np.zeros((len(examples), 2), np.float32)
-    for start in range(0, len(examples), rows):
+    for start in range(0, len(lengths), rows):
         chunk = [int(i) for i in by_length[start : start + rows]]
-        real = len(chunk)
-        chunk += [chunk[0]] * (rows - real)  # every call the same number of rows
-        batch = collate_shared_prefix(
-            [examples[i] for i in chunk], pad_id, bucket_lengths, score_windows=score_windows
-        )
-        chosen, rejected = ref_logps_fn(batch)
-        # One pair a row: row r holds the chunk's pair pair_order[r, 0], in the outputs' order.
-        for r, slot in enumerate(batch["pair_order"][:, 0]):
-            if slot < real:
-                out[chunk[slot]] = (float(chosen[r]), float(rejected[r]))
-    return out
+        yield chunk + [chunk[0]] * (rows - len(chunk)), len(chunk)
 
 
 def _sequence_length(example: PreferenceExample, side: int) -> int:
