@@ -45,13 +45,24 @@ def make_hf_model(variant: str, *, vocab_size: int = 97, layers: int = 3, seed: 
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return randomise_weights(model).eval()
+
+
+def randomise_weights(model):
+    """Weights far enough from HF's init that a wrong norm, router or projection shows: norms
+    1 + 0.2 N(0, 1), a MoE router (`mlp.gate`) N(0, 1) so tokens spread over experts, the rest
+    0.1 N(0, 1). Draws from torch's global generator, in parameter order."""
+    import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):
+                p.copy_(torch.randn_like(p))
             else:
                 p.copy_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return model
 
 
 def save_hf_model(model, out_dir: str | os.PathLike, **kwargs) -> str:

@@ -25,10 +25,10 @@ import pytest
 from flux_jax import best_checkpoint
 from flux_jax import checkpoint as ckpt
 from flux_jax.cli import main
-from flux_jax.data import make_preference_iterator
 from flux_jax.metrics_log import MetricsLog, drop_lines_after
 from flux_jax.tiny_tokenizer import build_tiny_tokenizer
 from flux_jax.trainer import DEMO_TRAIN
+from tests.test_checkpoint import make_iterator  # the resume tests' iterator settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,17 +65,7 @@ def data_path(tmp_path_factory) -> str:
 
 
 def _iterator(data_path: str):
-    iterator, _ = make_preference_iterator(
-        data_path,
-        build_tiny_tokenizer(),
-        data_format="preferences",
-        batch_size=4,
-        max_length=32,
-        max_prompt_length=8,
-        seed=0,
-        bucket_lengths=(16, 32),
-    )
-    return iterator
+    return make_iterator(data_path, build_tiny_tokenizer())
 
 
 def _state(step: int) -> dict:

@@ -16,13 +16,13 @@ from flux_jax.data import (
     DataError,
     data_check_report,
     load_preference_examples,
-    make_preference_iterator,
 )
 from flux_jax.data.loading import load_text_pairs
 from flux_jax.data.records import ShardReadError
 from flux_jax.data.sources import read_source_records, resolve_source
 from flux_jax.data.tables import row_string_bytes
 from flux_jax.tiny_tokenizer import build_tiny_tokenizer
+from tests.test_checkpoint import make_iterator  # the resume tests' iterator settings
 
 NUM_ROWS = 24
 
@@ -368,22 +368,14 @@ def test_data_check_command_on_a_save_to_disk_dir(tmp_path):
 
 @pytest.mark.parametrize("kind", ["parquet", "arrow"])
 def test_table_iterator_resumes_exactly_and_matches_jsonl(sources, tokenizer, kind):
-    options = dict(
-        data_format="preferences",
-        batch_size=4,
-        max_length=32,
-        max_prompt_length=8,
-        seed=0,
-        bucket_lengths=(16, 32),
-    )
-    jsonl, _ = make_preference_iterator(sources["jsonl"], tokenizer, **options)
-    table, _ = make_preference_iterator(sources[kind], tokenizer, **options)
+    jsonl = make_iterator(sources["jsonl"], tokenizer)
+    table = make_iterator(sources[kind], tokenizer)
     for _ in range(5):
         next(table)
     state = table.get_state()
     json.dumps(state)
     expected = [next(table) for _ in range(9)]  # crosses the epoch boundary at batch 6
-    restored, _ = make_preference_iterator(sources[kind], tokenizer, **options)
+    restored = make_iterator(sources[kind], tokenizer)
     restored.set_state(state)
     for _ in range(5):
         next(jsonl)

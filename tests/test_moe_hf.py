@@ -17,7 +17,7 @@ from flax import nnx
 
 import flux_jax
 from flux_jax.models.qwen import moe
-from tests.hf_reference import hf_logits, right_padded_batch
+from tests.hf_reference import hf_logits, randomise_weights, right_padded_batch
 
 LENGTHS = [10, 6, 3]
 VOCAB = 61
@@ -61,15 +61,7 @@ def make_hf_moe_model(variant: str, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("mlp.gate.weight"):  # the router: spread tokens over experts
-                p.copy_(torch.randn_like(p))
-            else:
-                p.copy_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return randomise_weights(model).eval()
 
 
 # The variants every default run checks each thing on; the rest run with -m slow. Together the
